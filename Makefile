@@ -1,0 +1,47 @@
+# megatron-latent: set-up, tests and the CPU demo.
+#   make install   create .venv and install the package with its test tools
+#   make test      lint + unit tests + 2-process (gloo) distributed tests
+#   make demo      the whole pipeline, tiny, on CPU
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test test-unit test-distributed lint demo clean
+
+install: $(VENV)/.installed
+
+# An environment that already has torch (NGC container, GPU node) keeps it: the venv then sees
+# the system site-packages. A bare machine gets the CPU build of torch $(TORCH_VERSION).
+$(VENV)/.installed: setup.py
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "Keeping the torch installed for $(PYTHON)"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/pip install "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -e ".[dev]"
+	@touch $@
+
+lint: install
+	$(BIN)/ruff check .
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests --ignore=tests/distributed -m "not slow" $(PYTEST_ARGS)
+
+test-distributed: install
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 \
+	  -m pytest -q -p no:cacheprovider tests/distributed -m "not slow" $(PYTEST_ARGS)
+
+test: lint test-unit test-distributed
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""megatron-latent: Megatron-Core pretraining for language models that think beyond the next token."""
+
+__version__ = "0.1.0"
