@@ -1,0 +1,143 @@
+"""Process groups, megatron-core parallel state, seeding and the compute device.
+
+One entry point, `initialize_parallel`, serves torchrun jobs (NCCL on GPUs, gloo on CPU)
+and plain single-process use (tests, notebooks), so the model code never asks where it runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state, tensor_parallel
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the world is cut: tensor x pipeline x data parallel."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor parallel size "
+                f"{self.tensor_model_parallel_size} x pipeline parallel size "
+                f"{self.pipeline_model_parallel_size}"
+            )
+        return world_size // model_parallel
+
+    def validate(self, world_size: int) -> None:
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ConfigError("tensor and pipeline parallel sizes must be >= 1")
+        self.data_parallel_size(world_size)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when a GPU is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_process_group(device: torch.device, timeout_minutes: float = 10.0) -> None:
+    """Join the job torchrun describes in the environment, or form a world of one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(
+        backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+
+
+def initialize_parallel(
+    parallel: ParallelConfig, device: torch.device | None = None, seed: int = 1234
+) -> torch.device:
+    """Create the process group, megatron-core's model-parallel groups and seeded RNGs.
+
+    Returns the device this rank computes on. Safe to call again with the same layout.
+    """
+    device = device or default_device()
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    parallel.validate(world_size)
+    init_process_group(device)
+    world_size = dist.get_world_size()
+    parallel.validate(world_size)
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size()
+            == parallel.tensor_model_parallel_size
+            and parallel_state.get_pipeline_model_parallel_world_size()
+            == parallel.pipeline_model_parallel_size
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        )
+    set_seed(seed, device)
+    return device
+
+
+def set_seed(seed: int, device: torch.device) -> None:
+    """Seed python, numpy and torch identically on every rank, plus megatron's TP RNG tracker.
+
+    On CUDA, megatron-core tracks a separate generator for tensor-parallel regions. On the
+    CPU that tracker cannot exist (it wraps CUDA generators), so its fork() becomes a no-op
+    and dropout inside tensor-parallel regions draws from the default generator.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's groups and the process group (tests, re-initialisation)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
