@@ -156,7 +156,8 @@ class Preset:
     hidden_size: int
     num_attention_heads: int
     recipe: TrainingRecipe
-    #: Published total parameter count (padded vocab 50304), where one exists.
+    #: Published total parameter count, where one exists (vocab padded to 128 x the
+    #: preset's TP size: 50304, or 50432 / 50688 for the 6.9b / 12b models).
     published_params: int | None = None
     published_non_embedding_params: int | None = None
     seq_length: int = 2048

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state, tensor_parallel
 
+from .compat import route_cuda_device_queries_to_cpu
 from .config import ConfigError
 
 
@@ -84,6 +84,8 @@ def initialize_parallel(
     Returns the device this rank computes on. Safe to call again with the same layout.
     """
     device = device or default_device()
+    if device.type == "cpu":
+        route_cuda_device_queries_to_cpu()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel.validate(world_size)
     init_process_group(device)
@@ -141,3 +143,34 @@ def tp_size() -> int:
 
 def tp_group():
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum, across the TP group, the gradients of replicated parameters that only saw a
+    sequence shard (LayerNorms under sequence parallelism); megatron-core's
+    finalize_model_grads does the same on its CUDA path."""
+    if tp_size() == 1:
+        return
+    grads = [
+        p.grad for p in model.parameters()
+        if getattr(p, "sequence_parallel", False) and p.grad is not None
+    ]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=tp_group())
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def gather_tensor_parallel(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate each TP rank's shard of `tensor` along `dim` (autograd-free; for
+    inspection, generation and tests)."""
+    size = tp_size()
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group())
+    return torch.cat(parts, dim=dim)

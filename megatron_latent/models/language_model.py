@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
@@ -25,6 +23,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
 
 from ..config import ModelConfig
 from .layers import RotaryEmbedding
@@ -254,20 +253,4 @@ def build_pythia_model(
     model = PythiaModel(config, model_config, transformer_impl, attention,
                         pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
     return model.to(device)
-
-
-def flops_per_token(model_config: ModelConfig, seq_length: int | None = None,
-                    tensor_parallel_size: int = 1) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward) of one full pass.
-
-    Forward per token: 2 x (non-embedding matmul params) for QKV/dense/MLP, 2·h·V for the head,
-    and attention scores/values 2·2·s·h per layer (causal masking is not subtracted, as in
-    Megatron-LM's and PaLM's accounting).
-    """
-    s = seq_length or model_config.seq_length
-    h, f, layers = model_config.hidden_size, model_config.ffn_hidden_size, model_config.num_layers
-    vocab = model_config.padded_vocab_size(tensor_parallel_size)
-    matmul_params = layers * (4 * h * h + 2 * h * f)
-    forward = 2 * matmul_params + 2 * h * vocab + layers * 4 * s * h
-    return 3.0 * forward
 

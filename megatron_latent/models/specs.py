@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -29,7 +29,6 @@ from .layers import (
     PythiaSelfAttention,
     SDPACoreAttention,
 )
-from megatron.core.transformer.attention import SelfAttentionSubmodules
 
 
 def transformer_engine_available() -> bool:
