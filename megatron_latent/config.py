@@ -45,6 +45,8 @@ class ModelConfig:
     #: std = 2 / (init_depth * sqrt(hidden)); None means num_layers. Methods that unroll
     #: the stack (pondering) count the unrolled depth here.
     init_depth: int | None = None
+    #: Explicit std for the output projections, overriding wang_init when set.
+    output_init_std: float | None = None
     attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class ModelConfig:
 
     @property
     def wang_init_std(self) -> float:
+        if self.output_init_std is not None:
+            return self.output_init_std
         depth = self.init_depth if self.init_depth is not None else self.num_layers
         return 2.0 / (depth * math.sqrt(self.hidden_size))
 

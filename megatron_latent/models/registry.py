@@ -1,0 +1,86 @@
+"""Training methods as plug-ins: each names a model builder, its own flags and its FLOPs.
+
+The training loop only ever sees a `MethodSpec`; it never branches on which method runs.
+A method's model takes `(input_ids, labels=...)` and returns the per-token LM loss [b, s],
+or `(loss, aux)` where `aux` maps names to auxiliary losses/metrics that the loop reduces
+and logs (a key ending in `_loss` is added to the optimised loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from ..flops import forward_flops_per_token
+
+#: builder(model_config, runtime_options, device, method_options, pre_process, post_process)
+ModelBuilder = Callable[..., torch.nn.Module]
+
+
+@dataclass
+class MethodSpec:
+    """Everything the trainer needs to know about one method."""
+
+    name: str
+    description: str
+    build_model: ModelBuilder
+    #: Add the method's flags to an argparse group (may be a no-op).
+    add_arguments: Callable[[argparse._ArgumentGroup], None] = lambda group: None
+    #: Method options (a dataclass) from parsed flags.
+    options_from_args: Callable[[argparse.Namespace], Any] = lambda args: None
+    #: Forward FLOPs per token of everything the method executes for one training sample.
+    forward_flops_per_token: Callable[[ModelConfig, Any, int, int], float] = (
+        lambda config, options, seq_length, tp: forward_flops_per_token(
+            config, seq_length, tp).forward
+    )
+    #: Adjust the architecture for the method (e.g. the output-projection init of a model
+    #: that unrolls its stack); called before the model is built.
+    prepare_model_config: Callable[[ModelConfig, Any], ModelConfig] = (
+        lambda config, options: config
+    )
+    supports_pipeline_parallel: bool = True
+    pipeline_refusal: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Make a method available to `--method`; names are unique."""
+    if spec.name in _METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look up a registered method; unknown names list the known ones."""
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown --method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+_BUILTINS = ("megatron_latent.models.vanilla", "megatron_latent.models.pondering")
+
+
+def _load_builtin_methods() -> None:
+    import importlib
+
+    for module in _BUILTINS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
