@@ -141,14 +141,29 @@ def render_document(sequences: list[numpy.ndarray], tokenizer=None) -> str:
     """A document for reading: its text, or one numbered line per sentence.
 
     A sentence-level document shows each sentence as ``[k] 'text'`` (Python repr, so the
-    whitespace and newlines at the boundaries are visible). Without a tokenizer, token ids.
+    whitespace and newlines at the boundaries are visible). Sentence texts are cut from the
+    decoded document, so whitespace a tokenizer would drop when decoding a sentence alone
+    (SentencePiece's leading space) still shows. A final end-of-document token is written as
+    its vocabulary entry. Without a tokenizer, token ids are shown.
     """
-
-    def show(seq: numpy.ndarray) -> str:
-        if tokenizer is None:
-            return " ".join(str(int(t)) for t in seq)
-        return tokenizer.detokenize(seq.tolist())
-
-    if len(sequences) == 1:
-        return show(sequences[0])
-    return "\n".join(f"[{k}] {show(seq)!r}" for k, seq in enumerate(sequences))
+    if tokenizer is None:
+        parts = [" ".join(str(int(t)) for t in seq) for seq in sequences]
+    else:
+        try:
+            eod = tokenizer.eod
+        except (AttributeError, ValueError):
+            eod = None
+        parts, ids, previous = [], [], ""
+        for seq in sequences:
+            seq = [int(t) for t in seq]
+            marker = ""
+            if eod is not None and seq and seq[-1] == eod:
+                seq, marker = seq[:-1], tokenizer.inv_vocab.get(eod, "<eod>")
+            ids.extend(seq)
+            text = tokenizer.detokenize(ids)
+            piece = text[len(previous):] if text.startswith(previous) else tokenizer.detokenize(seq)
+            previous = text
+            parts.append(piece + marker)
+    if len(parts) == 1:
+        return parts[0]
+    return "\n".join(f"[{k}] {part!r}" for k, part in enumerate(parts))

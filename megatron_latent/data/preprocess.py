@@ -135,6 +135,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(config: PreprocessConfig, dtype: type[numpy.number]) -> None:
+    _WORKER.clear()
     _WORKER["config"] = config
     _WORKER["tokenizer"] = config.build_tokenizer()
     _WORKER["dtype"] = dtype
@@ -242,19 +243,17 @@ def _run_range(
         else:
             _init_worker(config, dtype)
             results = map(_encode_batch, batches)
-        next_log = config.log_interval
         for batch in results:
             for result in batch:
                 _consume(result, config, files, writers, stats, label, log)
-            if config.log_interval > 0 and stats.documents >= next_log:
-                elapsed = max(time.time() - began, 1e-9)
-                log(
-                    f"{label}Processed {stats.documents} documents "
-                    f"({stats.documents / elapsed:.1f} docs/s, "
-                    f"{stats.bytes / elapsed / 2**20:.2f} MB/s)."
-                )
-                while next_log <= stats.documents:
-                    next_log += config.log_interval
+                if config.log_interval > 0 and result[0] == "ok":
+                    if stats.documents % config.log_interval == 0:
+                        elapsed = max(time.time() - began, 1e-9)
+                        log(
+                            f"{label}Processed {stats.documents} documents "
+                            f"({stats.documents / elapsed:.1f} docs/s, "
+                            f"{stats.bytes / elapsed / 2**20:.2f} MB/s)."
+                        )
         if pool is not None:
             pool.close()
             pool.join()

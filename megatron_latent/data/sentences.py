@@ -3,13 +3,12 @@
 Megatron-LM tokenizes each sentence on its own, which drops the whitespace between sentences
 and changes the tokens at every boundary. Here the document is tokenized once and its token
 sequence is cut where sentences start, so the sentences of a document concatenate to exactly
-the tokens a document-level run writes: whitespace and newlines between sentences stay, on
-the end of the sentence they follow.
+the tokens a document-level run writes, whitespace and newlines included.
 
 Sentences are found with pysbd (rule-based, no download). A token belongs to the sentence that
-holds its first non-whitespace character (so SentencePiece's ``▁word``, which absorbs the
-space before it, starts the next sentence); a whitespace-only token belongs to the sentence it
-starts in.
+holds its first non-whitespace character, so a space the tokenizer merges into the next word
+(SentencePiece's ``▁word``, GPT-2's ``Ġword``) starts the next sentence, while whitespace-only
+tokens (newlines, runs of spaces) stay at the end of the sentence they follow.
 """
 
 from __future__ import annotations

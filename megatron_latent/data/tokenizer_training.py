@@ -12,6 +12,7 @@ reservoir sample is used, so the result depends only on the inputs and the seed.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import sys
@@ -111,12 +112,12 @@ def train_sentencepiece(
         f"{config.model_type} model on {len(lines)} lines"
     )
     spm.set_random_generator_seed(config.seed)
-    tmp_prefix = config.output_prefix + ".incomplete"
     began = time.time()
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
-            model_prefix=tmp_prefix,
+            model_writer=model,
             vocab_size=config.vocab_size,
             model_type=config.model_type,
             byte_fallback=config.byte_fallback,
@@ -140,14 +141,22 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as err:
-        for suffix in (".model", ".vocab"):
-            if os.path.exists(tmp_prefix + suffix):
-                os.remove(tmp_prefix + suffix)
         raise ValueError(f"SentencePiece training failed: {err}") from None
-    os.replace(tmp_prefix + ".vocab", config.output_prefix + ".vocab")
-    os.replace(tmp_prefix + ".model", config.output_prefix + ".model")
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(
+        f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size())
+    )
+    _write_atomic(config.output_prefix + ".vocab", vocab.encode("utf-8"))
+    _write_atomic(config.output_prefix + ".model", model.getvalue())
     log(f"Wrote {config.output_prefix}.model and .vocab in {time.time() - began:.1f}s")
     return config.output_prefix + ".model"
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".incomplete"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def special_token_ids(model_file: str, tokens: Sequence[str]) -> dict[str, int]:

@@ -1,0 +1,234 @@
+"""Tokenizers against independent references, special tokens, save/load, factory errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import sentencepiece
+from data_fixtures import (
+    TRICKY_TEXTS,
+    ReferenceGPT2BPE,
+    corpus_texts,
+    gpt2_files,
+    hf_tokenizer_dir,
+    sentencepiece_model,
+)
+
+from megatron_latent.data.tokenizer_args import RESERVED_SPECIAL_TOKENS, TOKENIZER_TYPE_NAMES
+from megatron_latent.data.tokenizers import (
+    GPT2BPETokenizer,
+    HuggingFaceTokenizer,
+    SentencePieceTokenizer,
+    TokenizerError,
+    build_tokenizer,
+    load_tokenizer,
+)
+
+SAMPLES = TRICKY_TEXTS + list(corpus_texts()[:5])
+
+
+def _sp():
+    return build_tokenizer("SentencePieceTokenizer", tokenizer_model=sentencepiece_model())
+
+
+def _gpt2():
+    vocab, merges = gpt2_files()
+    return build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+
+
+def _hf():
+    return build_tokenizer("HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_dir())
+
+
+def test_sentencepiece_matches_the_library_and_round_trips():
+    tok = _sp()
+    ref = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model())
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert tok.vocab_size == ref.get_piece_size() == 400
+    for text in SAMPLES:
+        assert tok.tokenize(text) == ref.encode(text)
+        # The trained model is lossless: identity normalization, whitespace and bytes kept.
+        assert tok.detokenize(tok.tokenize(text)) == text
+    assert (tok.eod, tok.bos, tok.pad, tok.unk) == (ref.eos_id(), ref.bos_id(), 3, 0) == (2, 1, 3, 0)
+    assert tok.vocab["</s>"] == 2 and tok.inv_vocab[2] == "</s>"
+
+
+def test_reserved_special_tokens_have_ids_and_stay_whole():
+    tok = _sp()
+    ids = [tok.special_tokens[t] for t in RESERVED_SPECIAL_TOKENS]
+    assert ids == [4, 5, 6]
+    text = "He thinks<thought>to be</thought> or not.<sent>Next"
+    encoded = tok.tokenize(text)
+    assert [i for i in encoded if i in ids] == [4, 5, 6]
+    assert tok.detokenize(encoded) == text
+    # Adding a token the model already has changes nothing.
+    assert tok.add_special_tokens(["<thought>"]) == [4]
+    assert tok.vocab_size == 400
+
+
+def test_sentencepiece_added_token_is_appended_and_survives_save_load(tmp_path):
+    tok = _sp()
+    ref = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model())
+    (new_id,) = tok.add_special_tokens(["<latent>"])
+    assert new_id == 400 and tok.vocab_size == 401
+    text = "Before <latent> after<latent>"
+    ids = tok.tokenize(text)
+    # Text between special tokens is encoded by the model as it is.
+    assert ids == ref.encode("Before ") + [400] + ref.encode(" after") + [400]
+    assert tok.detokenize(ids) == text
+    assert tok.tokenize_with_offsets(text)[0] == ids
+
+    saved = tok.save(str(tmp_path / "tok"))
+    for loaded in (
+        load_tokenizer(saved),
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=saved),
+    ):
+        assert loaded.vocab_size == 401
+        assert loaded.special_tokens["<latent>"] == 400
+        assert loaded.tokenize(text) == ids
+        assert loaded.unique_identifiers["special_tokens"] == ["<latent>"]
+    with pytest.raises(TokenizerError, match="holds a SentencePieceTokenizer, not a GPT2BPE"):
+        build_tokenizer("GPT2BPETokenizer", tokenizer_model=saved)
+
+
+def test_gpt2_bpe_matches_a_plain_python_reference_and_transformers():
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = gpt2_files()
+    tok = _gpt2()
+    reference = ReferenceGPT2BPE(vocab, merges)
+    hf = GPT2Tokenizer(vocab, merges)  # what Megatron-LM's GPT2BPETokenizer wraps
+    assert isinstance(tok, GPT2BPETokenizer)
+    for text in SAMPLES + ["end<|endoftext|>start", "x\u00a0y \u3000z"]:
+        ids = tok.tokenize(text)
+        assert ids == reference.encode(text), text
+        assert ids == hf.encode(text), text
+        assert tok.detokenize(ids) == text
+    eod = json.load(open(vocab))["<|endoftext|>"]
+    assert tok.eod == eod and tok.special_tokens == {"<|endoftext|>": eod}
+    assert tok.vocab_size == len(hf) == 600
+    assert tok.pad == -1  # GPT-2 has no pad token
+
+
+def test_gpt2_added_special_token_survives_save_load(tmp_path):
+    tok = _gpt2()
+    assert tok.add_special_tokens(RESERVED_SPECIAL_TOKENS) == [600, 601, 602]
+    text = "a<thought>b </thought> c<sent>"
+    ids = tok.tokenize(text)
+    assert 600 in ids and 601 in ids and 602 in ids
+    assert tok.detokenize(ids) == text
+    loaded = load_tokenizer(tok.save(str(tmp_path / "gpt2")))
+    assert isinstance(loaded, GPT2BPETokenizer)
+    assert loaded.vocab_size == 603 and loaded.tokenize(text) == ids
+    assert sorted(os.listdir(tmp_path / "gpt2")) == [
+        "megatron_latent_tokenizer.json",
+        "merges.txt",
+        "vocab.json",
+    ]
+
+
+def test_huggingface_tokenizer_json_matches_the_library_without_bos():
+    from tokenizers import Tokenizer
+
+    directory = hf_tokenizer_dir()
+    raw = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    tok = _hf()
+    assert isinstance(tok, HuggingFaceTokenizer)
+    for text in SAMPLES:
+        with_bos = raw.encode(text).ids
+        ids = tok.tokenize(text)
+        assert ids == raw.encode(text, add_special_tokens=False).ids
+        assert with_bos == [raw.token_to_id("<s>")] + ids  # the post-processor is not applied
+    # Named tokens come from tokenizer_config.json.
+    assert tok.eod == raw.token_to_id("</s>")
+    assert tok.bos == raw.token_to_id("<s>")
+    assert tok.pad == raw.token_to_id("<pad>")
+    assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True)
+
+
+def test_huggingface_without_eos_needs_an_explicit_eod_token(tmp_path):
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(os.path.join(hf_tokenizer_dir(), "tokenizer.json"))
+    raw.save(str(tmp_path / "tokenizer.json"))  # no tokenizer_config.json, no usual EOS name
+    # "</s>" is a common name, so the fallback finds it; a tokenizer without it has no EOD.
+    assert HuggingFaceTokenizer(str(tmp_path)).eod == raw.token_to_id("</s>")
+    vocab_only = tmp_path / "bare"
+    vocab_only.mkdir()
+    from tokenizers import models
+
+    bare = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[X]": 2}, unk_token="[X]"))
+    bare.save(str(vocab_only / "tokenizer.json"))
+    tok = HuggingFaceTokenizer(str(vocab_only))
+    with pytest.raises(TokenizerError, match="no end-of-document token.*--eod-token"):
+        tok.eod  # noqa: B018
+    assert HuggingFaceTokenizer(str(vocab_only), eod_token="[X]").eod == 2
+    with pytest.raises(TokenizerError, match="'<eos>' is not in"):
+        HuggingFaceTokenizer(str(vocab_only), eod_token="<eos>")
+
+
+def test_huggingface_added_tokens_survive_save_load(tmp_path):
+    tok = _hf()
+    base = tok.vocab_size
+    assert tok.add_special_tokens(["<thought>", "</thought>"]) == [base, base + 1]
+    text = "to be<thought>or not</thought>"
+    ids = tok.tokenize(text)
+    assert ids.count(base) == 1 and ids.count(base + 1) == 1
+    loaded = load_tokenizer(tok.save(str(tmp_path / "hf")))
+    assert loaded.tokenize(text) == ids
+    assert loaded.eod == tok.eod and loaded.pad == tok.pad
+
+
+@pytest.mark.parametrize("make", [_sp, _gpt2, _hf])
+def test_offsets_give_the_same_ids_and_cover_the_text(make):
+    tok = make()
+    for text in SAMPLES:
+        ids, spans = tok.tokenize_with_offsets(text)
+        assert ids == tok.tokenize(text)
+        assert len(spans) == len(ids)
+        starts = [s for s, _ in spans]
+        assert starts == sorted(starts)
+        assert all(0 <= s <= e <= len(text) for s, e in spans)
+
+
+def test_factory_errors_name_the_problem(tmp_path):
+    with pytest.raises(TokenizerError) as err:
+        build_tokenizer("BertWordPieceCase")
+    message = str(err.value)
+    assert "unknown tokenizer type 'BertWordPieceCase'" in message
+    for name in TOKENIZER_TYPE_NAMES:
+        assert name in message
+    missing = str(tmp_path / "nope.model")
+    with pytest.raises(TokenizerError, match=f"--tokenizer-model: '{missing}' does not exist"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=missing)
+    with pytest.raises(TokenizerError, match="SentencePieceTokenizer needs --tokenizer-model"):
+        build_tokenizer("SentencePieceTokenizer")
+    vocab, _ = gpt2_files()
+    with pytest.raises(TokenizerError, match="--merge-file: '.*merges.missing' does not exist"):
+        build_tokenizer(
+            "GPT2BPETokenizer", vocab_file=vocab, merge_file=str(tmp_path / "merges.missing")
+        )
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="cannot load SentencePiece model"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(garbage))
+
+
+def test_usable_as_megatron_core_dataset_tokenizer():
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    tok = _sp()
+    config = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=16,
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+    )
+    assert config.token_dtype_code == 8  # uint16, from vocab_size
+    description = json.dumps({"t": tok}, default=lambda o: o.unique_identifiers)
+    assert "sp_tiny.model" in description
+    assert tok.special_tokens_dict == {"bos_token": 1, "eos_token": 2, "pad_token": 3, "unk_token": 0}
