@@ -67,13 +67,12 @@ def init_process_group(device: torch.device, timeout_minutes: float = 10.0) -> N
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(
-        backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # a world of one, without touching the environment child processes inherit
+        dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
 def initialize_parallel(

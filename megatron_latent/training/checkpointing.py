@@ -1,0 +1,310 @@
+"""Checkpoints in Megatron-LM's layout, written atomically and read without pickle.
+
+    <dir>/latest_checkpointed_iteration.txt        the newest complete iteration
+    <dir>/iter_0000100/config.json                 the run's resolved configuration
+    <dir>/iter_0000100/mp_rank_00[_000]/model_optim_rng.pt
+                                                   model shard (canonical names), optimizer,
+                                                   LR scheduler, RNG states, progress counters
+    <dir>/iter_0000100/mp_rank_00/distrib_optim.pt  distributed-optimizer state (CUDA engine)
+
+A save is written under a temporary directory, renamed into place, and only then is the
+tracker file replaced: a job killed mid-save leaves the previous checkpoint as the latest.
+Files are read with `torch.load(weights_only=True)`, so loading executes no pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from ..config import ConfigError
+from ..models.hf_gpt_neox import merge_shards, shard_for_rank
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILE = "model_optim_rng.pt"
+CONFIG_FILE = "config.json"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Progress counters that a resumed run continues from."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def rank_dirname(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron-LM's per-model-parallel-rank directory name."""
+    if pp_size == 1:
+        return f"mp_rank_{tp_rank:02d}"
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def read_tracker(root: str) -> int | None:
+    """The newest complete iteration recorded under `root`, or None when there is none."""
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError as error:
+        raise ConfigError(f"{path}: expected an iteration number, found {text!r}") from error
+
+
+def read_checkpoint_config(root: str, iteration: int | None = None) -> dict[str, Any] | None:
+    """The stored run configuration of the latest (or given) checkpoint, or None."""
+    iteration = read_tracker(root) if iteration is None else iteration
+    if iteration is None:
+        return None
+    path = os.path.join(iteration_dir(root, iteration), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {iteration_dir(root, iteration)} has no {CONFIG_FILE}")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+# -- RNG -----------------------------------------------------------------------------------
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator the run draws from, as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_object(value: Any) -> Any:
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _this_rank_dirname() -> str:
+    return rank_dirname(parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_pipeline_model_parallel_rank(),
+                        parallel_state.get_pipeline_model_parallel_world_size())
+
+
+# -- save --------------------------------------------------------------------------------------
+def save_checkpoint(root: str, state: TrainState, engine, scheduler, run_config: dict[str, Any],
+                    save_optimizer: bool = True) -> str:
+    """Write iteration `state.iteration` under `root` atomically; every rank must call this."""
+    rank, _ = _world()
+    tmp_root = None
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        tmp_root = os.path.join(root, f".tmp_iter_{state.iteration:07d}_{uuid.uuid4().hex[:8]}")
+    tmp_root = _broadcast_object(tmp_root)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    rank_dir = os.path.join(tmp_root, _this_rank_dirname())
+    if dp_rank == 0:
+        os.makedirs(rank_dir, exist_ok=True)
+    _barrier()
+
+    model_state = engine.model_state()
+    optimizer_state = engine.optimizer_state(rank_dir) if save_optimizer else None
+    rng = capture_rng_state(engine.device)
+    rng_states = [rng]
+    if parallel_state.get_data_parallel_world_size() > 1:
+        rng_states = [None] * parallel_state.get_data_parallel_world_size()
+        dist.all_gather_object(rng_states, rng, group=parallel_state.get_data_parallel_group())
+    if dp_rank == 0:
+        payload = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": state.iteration,
+            "train_state": asdict(state),
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng_state": rng_states,
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size":
+                parallel_state.get_pipeline_model_parallel_world_size(),
+            "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        }
+        path = os.path.join(rank_dir, CHECKPOINT_FILE)
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    _barrier()
+
+    final = iteration_dir(root, state.iteration)
+    if rank == 0:
+        with open(os.path.join(tmp_root, CONFIG_FILE), "w") as handle:
+            json.dump(run_config, handle, indent=2, sort_keys=True, default=str)
+        _fsync_dir(tmp_root)
+        trash = None
+        if os.path.exists(final):
+            trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+        os.replace(tmp_root, final)
+        _fsync_dir(root)
+        _atomic_write_text(os.path.join(root, TRACKER_FILE), str(state.iteration))
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True)
+        for name in os.listdir(root):  # leftovers of saves that were killed
+            if name.startswith(".tmp_iter_") and os.path.join(root, name) != tmp_root:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    _barrier()
+    return final
+
+
+# -- load --------------------------------------------------------------------------------------
+def _load_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unreadable or contains non-tensor objects
+        raise ConfigError(f"cannot read checkpoint file {path}: {error}") from error
+
+
+def _load_model_shard(directory: str, saved_tp: int, saved_pp: int) -> dict[str, torch.Tensor]:
+    """This rank's canonical model shard, re-cut if the checkpoint used another TP/PP layout."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if saved_tp == tp and saved_pp == pp:
+        return _load_file(os.path.join(directory, _this_rank_dirname(), CHECKPOINT_FILE))["model"]
+    by_tp = []
+    for tp_rank in range(saved_tp):
+        merged: dict[str, torch.Tensor] = {}
+        for pp_rank in range(saved_pp):
+            name = rank_dirname(tp_rank, pp_rank, saved_pp)
+            merged.update(_load_file(os.path.join(directory, name, CHECKPOINT_FILE))["model"])
+        by_tp.append(merged)
+    full = merge_shards(by_tp)
+    return shard_for_rank(full, tp, parallel_state.get_tensor_model_parallel_rank())
+
+
+def load_checkpoint(root: str, engine, scheduler, finetune: bool = False,
+                    load_optimizer: bool = True, load_rng: bool = True) -> TrainState:
+    """Restore the latest checkpoint under `root` into the engine; returns the progress to
+    continue from (fresh counters under `finetune`)."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise ConfigError(f"--load {root}: no {TRACKER_FILE} (no complete checkpoint there)")
+    directory = iteration_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{TRACKER_FILE} names iteration {iteration} but {directory} is missing")
+    own_path = os.path.join(directory, _this_rank_dirname(), CHECKPOINT_FILE)
+    meta_path = own_path if os.path.isfile(own_path) else os.path.join(
+        directory, rank_dirname(0, 0, 1), CHECKPOINT_FILE)
+    if not os.path.isfile(meta_path):
+        candidates = sorted(os.listdir(directory))
+        meta_path = next((os.path.join(directory, c, CHECKPOINT_FILE) for c in candidates
+                          if c.startswith("mp_rank_")), own_path)
+    meta = _load_file(meta_path)
+    saved_tp = meta["tensor_model_parallel_size"]
+    saved_pp = meta["pipeline_model_parallel_size"]
+    engine.load_model_state(_load_model_shard(directory, saved_tp, saved_pp))
+
+    same_layout = (saved_tp == parallel_state.get_tensor_model_parallel_world_size()
+                   and saved_pp == parallel_state.get_pipeline_model_parallel_world_size())
+    if finetune:
+        engine.after_weights_loaded_without_optimizer()
+        logger.info("loaded weights of iteration %d from %s (--finetune)", iteration, root)
+        return TrainState()
+
+    own = _load_file(own_path) if same_layout else meta
+    if load_optimizer:
+        if not same_layout:
+            raise ConfigError(
+                f"checkpoint {directory} was written with TP={saved_tp}, PP={saved_pp}; this "
+                "run's layout differs, so its optimizer state cannot be restored. Resume with "
+                "--no-load-optim (weights are re-cut automatically) or the saved layout."
+            )
+        if own.get("optimizer") is None:
+            raise ConfigError(f"{own_path} holds no optimizer state (saved with "
+                              "--no-save-optim); resume with --no-load-optim")
+        engine.load_optimizer_state(own["optimizer"], os.path.dirname(own_path))
+    else:
+        engine.after_weights_loaded_without_optimizer()
+    if scheduler is not None and own.get("opt_param_scheduler") is not None:
+        scheduler.load_state_dict(own["opt_param_scheduler"])
+    if load_rng and own.get("rng_state"):
+        states = own["rng_state"]
+        dp_rank = parallel_state.get_data_parallel_rank()
+        if len(states) == parallel_state.get_data_parallel_world_size():
+            restore_rng_state(states[dp_rank], engine.device)
+        else:
+            restore_rng_state(states[0], engine.device)
+    state = TrainState(**own["train_state"])
+    logger.info("resumed from %s at iteration %d", directory, state.iteration)
+    return state

@@ -1,0 +1,147 @@
+"""The trainer's view of data: tokenizer, datasets and per-rank loaders for one run.
+
+Training samples are drawn in Megatron's order from `consumed_samples` on, so a resumed run
+continues exactly. Validation always reads the same first `eval_iters x global_batch` samples
+of each validation set, so every evaluation (and every method) is scored on identical tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from ..config import ConfigError
+from ..data.datasets import (
+    DataConfig,
+    build_gpt_datasets,
+    build_valid_datasets_per_component,
+    check_data_paths,
+)
+from ..data.indexed import DatasetPathError
+from ..data.samplers import build_pretraining_data_loader
+from .config import RunConfig
+
+
+def build_run_tokenizer(run: RunConfig):
+    """The run's tokenizer; with --mock-data and no tokenizer, megatron's NullTokenizer sized
+    to the model's vocabulary."""
+    settings = run.tokenizer
+    if settings.tokenizer_type is None:
+        if not run.data.mock_data:
+            raise ConfigError("--tokenizer-type (and its model/vocab files) is required "
+                              "unless --mock-data is given")
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        return NullTokenizer(run.model.vocab_size - 1)  # ids 0..V-2, eod = V-1
+    from ..data.tokenizers import build_tokenizer
+
+    return build_tokenizer(
+        settings.tokenizer_type,
+        tokenizer_model=settings.tokenizer_model,
+        vocab_file=settings.vocab_file,
+        merge_file=settings.merge_file,
+    )
+
+
+def data_config(run: RunConfig) -> DataConfig:
+    """megatron_latent.data's DataConfig from the run's Megatron-style data flags."""
+    data = run.data
+    try:
+        return DataConfig(
+            data_path=data.data_path,
+            split=data.split if data.data_path else None,
+            train_data_path=data.train_data_path,
+            valid_data_path=data.valid_data_path,
+            test_data_path=data.test_data_path,
+            seq_length=run.model.seq_length,
+            seed=run.training.seed,
+            data_cache_path=data.data_cache_path,
+            mock_data=data.mock_data,
+            reset_position_ids=data.reset_position_ids,
+            reset_attention_mask=data.reset_attention_mask,
+            eod_mask_loss=data.eod_mask_loss,
+            create_attention_mask=data.reset_attention_mask,
+        )
+    except ValueError as error:
+        raise ConfigError(f"data flags: {error}") from error
+
+
+def check_data(run: RunConfig) -> None:
+    """Fail fast (before any model is built) on missing or unusable data paths."""
+    config = data_config(run)
+    if config.mock_data:
+        return
+    try:
+        check_data_paths(config)
+    except DatasetPathError as error:
+        raise ConfigError(str(error)) from error
+
+
+@dataclass
+class RunData:
+    train_loader: Any
+    valid_sets: list[tuple[str, Any]]
+
+
+def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters: int) -> RunData:
+    """Datasets for the whole run and the train loader positioned at `consumed_samples`."""
+    config = data_config(run)
+    global_batch = run.training.global_batch_size
+    train_samples = total_iters * global_batch
+    valid_samples = run.evaluation.eval_iters * global_batch if run.evaluation.eval_iters else 0
+    try:
+        train, valid, _ = build_gpt_datasets(config, tokenizer, train_samples,
+                                             valid_samples or None, None)
+        valid_sets: list[tuple[str, Any]] = []
+        if valid_samples and valid is not None:
+            valid_sets.append(("validation", valid))
+            components = config.prefixes() if not config.mock_data else []
+            if len(components) > 1:
+                for prefix, dataset in build_valid_datasets_per_component(config, tokenizer,
+                                                                          valid_samples):
+                    if dataset is not None:
+                        valid_sets.append((prefix, dataset))
+    except (ValueError, DatasetPathError) as error:
+        raise ConfigError(f"building datasets: {error}") from error
+    if train is None:
+        raise ConfigError("the data flags give no training split (check --split)")
+    loader = build_pretraining_data_loader(
+        train,
+        consumed_samples=consumed_samples,
+        micro_batch_size=run.training.micro_batch_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        num_workers=run.training.num_workers,
+    )
+    return RunData(train_loader=loader, valid_sets=valid_sets)
+
+
+def valid_batches(run: RunConfig, dataset) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of the fixed validation slice (eval_iters global batches)."""
+    loader = build_pretraining_data_loader(
+        dataset,
+        consumed_samples=0,
+        micro_batch_size=run.training.micro_batch_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        num_workers=0,
+    )
+    per_rank = (run.evaluation.eval_iters * run.training.global_batch_size
+                // (run.training.micro_batch_size
+                    * parallel_state.get_data_parallel_world_size()))
+    return list(itertools.islice(iter(loader), per_rank))
+
+
+def microbatch_groups(loader, num_microbatches: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Group a rank's micro-batch stream into optimizer steps."""
+    iterator = iter(loader)
+    while True:
+        group = list(itertools.islice(iterator, num_microbatches))
+        if len(group) < num_microbatches:
+            return
+        yield group

@@ -1,0 +1,299 @@
+"""The trainer on the CPU engine: exact resume, atomic checkpoints, preemption, schedules,
+metrics and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_latent.config import ConfigError
+from megatron_latent.training import checkpointing
+
+from training_fixtures import (
+    TINY_FLAGS,
+    run_training,
+    write_token_dataset,
+    write_wordlevel_tokenizer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    base = tmp_path_factory.mktemp("corpus")
+    prefix = write_token_dataset(str(base / "tokens"))
+    tokenizer = write_wordlevel_tokenizer(str(base / "tokenizer"))
+    return prefix, tokenizer
+
+
+def flags(corpus, *extra: str, micro: int = 2, global_batch: int = 8) -> list[str]:
+    prefix, tokenizer = corpus
+    return TINY_FLAGS + [
+        "--data-path", prefix, "--split", "90,10,0",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
+        "--micro-batch-size", str(micro), "--global-batch-size", str(global_batch),
+        "--eval-iters", "1", "--eval-interval", "100",
+        *extra,
+    ]
+
+
+def losses(summary) -> list[float]:
+    return [entry["lm_loss"] for entry in summary.history]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(single_process_parallel, corpus,
+                                                         tmp_path):
+    full, _ = run_training(flags(corpus, "--train-iters", "8"))
+    first, _ = run_training(flags(corpus, "--train-iters", "8", "--exit-interval", "4",
+                                  "--save", str(tmp_path / "ckpt")))
+    assert first.stopped_by == "exit interval" and first.iterations == 4
+    assert checkpointing.read_tracker(str(tmp_path / "ckpt")) == 4
+    resumed, trainer = run_training(flags(corpus, "--train-iters", "8",
+                                          "--load", str(tmp_path / "ckpt")))
+    assert losses(first) == losses(full)[:4]
+    assert losses(resumed) == losses(full)[4:]  # bit for bit
+    assert trainer.state.consumed_train_samples == 64
+
+
+def test_resume_with_other_accumulation_boundaries(single_process_parallel, corpus, tmp_path):
+    """Resuming with another micro-batch size re-cuts each global batch into a different
+    number of accumulation steps; the global batch and its mean loss stay the same."""
+    full, _ = run_training(flags(corpus, "--train-iters", "6", micro=2))
+    run_training(flags(corpus, "--train-iters", "6", "--exit-interval", "3",
+                       "--save", str(tmp_path / "ckpt"), micro=2))
+    resumed, trainer = run_training(flags(corpus, "--train-iters", "6",
+                                          "--load", str(tmp_path / "ckpt"), micro=8))
+    assert trainer.num_microbatches == 1
+    assert losses(resumed) == pytest.approx(losses(full)[3:], rel=1e-5, abs=1e-6)
+
+
+def test_gradient_accumulation_does_not_change_the_step(single_process_parallel, corpus):
+    accumulated, _ = run_training(flags(corpus, "--train-iters", "3", micro=1, global_batch=8))
+    single, _ = run_training(flags(corpus, "--train-iters", "3", micro=8, global_batch=8))
+    assert losses(accumulated) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
+
+
+def test_learning_rate_follows_pythia_schedule(single_process_parallel, corpus):
+    """Linear warmup then cosine to min_lr, in samples, checked with the closed form."""
+    summary, trainer = run_training(flags(corpus, "--train-iters", "10", "--lr-warmup-iters",
+                                          "2", "--lr", "1e-3", "--min-lr", "1e-4"))
+    scheduler = trainer.scheduler
+    expected = []
+    for step in range(11):
+        if step <= 2:
+            expected.append(1e-3 * step / 2)
+        else:
+            ratio = (step - 2) / 8
+            expected.append(1e-4 + 0.5 * (1 + math.cos(math.pi * ratio)) * 9e-4)
+    observed = []
+    for step in range(11):
+        scheduler.num_steps = step * 8
+        observed.append(scheduler.get_lr(trainer.engine.optimizer.param_groups[0]))
+    assert observed == pytest.approx(expected, rel=1e-9)
+    groups = trainer.engine.optimizer.param_groups
+    assert [g["wd_mult"] for g in groups] == [1.0, 0.0]
+    assert all(p.ndim == 2 for p in groups[0]["params"])
+
+
+def test_kill_during_save_keeps_previous_checkpoint(single_process_parallel, corpus, tmp_path,
+                                                    monkeypatch):
+    ckpt = str(tmp_path / "ckpt")
+    _, trainer = run_training(flags(corpus, "--train-iters", "2", "--save", ckpt))
+    assert checkpointing.read_tracker(ckpt) == 2
+    trainer.state.iteration = 3
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(checkpointing, "_fsync_dir", die)  # after files, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert checkpointing.read_tracker(ckpt) == 2
+    assert not os.path.exists(checkpointing.iteration_dir(ckpt, 3))
+    leftovers = [n for n in os.listdir(ckpt) if n.startswith(".tmp_iter_")]
+    assert leftovers  # the half-written save is under a temporary name only
+    resumed, again = run_training(flags(corpus, "--train-iters", "3", "--load", ckpt,
+                                        "--save", ckpt))
+    assert again.state.iteration == 3 and resumed.iterations == 3
+    assert checkpointing.read_tracker(ckpt) == 3
+    assert not [n for n in os.listdir(ckpt) if n.startswith(".tmp_iter_")]
+
+
+def test_finetune_and_no_load_optim(single_process_parallel, corpus, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _, source = run_training(flags(corpus, "--train-iters", "3", "--save", ckpt))
+    weights = source.engine.model_state()
+
+    _, tuned = run_training(flags(corpus, "--train-iters", "1", "--load", ckpt, "--finetune"))
+    assert tuned.state.iteration == 1  # counters restarted at 0
+    _, fresh = run_training(flags(corpus, "--train-iters", "4", "--load", ckpt,
+                                  "--no-load-optim", "--exit-interval", "100"))
+    assert fresh.state.iteration == 4 and fresh.state.consumed_train_samples == 32
+
+    # --finetune with zero further steps reproduces the checkpoint's weights exactly.
+    from megatron_latent.arguments import parse_run_config
+    from megatron_latent.training.trainer import Trainer
+
+    run, _ = parse_run_config(flags(corpus, "--train-iters", "1", "--load", ckpt, "--finetune"))
+    trainer = Trainer(run)
+    trainer.setup()
+    assert trainer.state.iteration == 0
+    assert not trainer.engine.optimizer.state  # fresh optimizer
+    for name, tensor in trainer.engine.model_state().items():
+        assert torch.equal(tensor, weights[name]), name
+
+
+def test_checkpoint_layout_and_safe_loading(single_process_parallel, corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_training(flags(corpus, "--train-iters", "2", "--save", str(ckpt)))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    payload_path = ckpt / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
+    config = json.loads((ckpt / "iter_0000002" / "config.json").read_text())
+    assert config["model"]["num_layers"] == 2
+    payload = torch.load(payload_path, weights_only=True)
+    assert payload["iteration"] == 2
+    assert payload["train_state"]["consumed_train_samples"] == 16
+    assert {"model", "optimizer", "opt_param_scheduler", "rng_state"} <= set(payload)
+
+    # A checkpoint carrying a pickled object is refused without running it.
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload["model"]["evil"] = Payload()
+    with open(payload_path, "wb") as handle:
+        pickle.dump(payload, handle)
+    with pytest.raises(ConfigError, match="cannot read checkpoint"):
+        run_training(flags(corpus, "--train-iters", "3", "--load", str(ckpt)))
+    assert not marker.exists()
+
+
+def test_metrics_jsonl_and_tensorboard(single_process_parallel, corpus, tmp_path):
+    ckpt, board = tmp_path / "ckpt", tmp_path / "tb"
+    summary, _ = run_training(flags(corpus, "--train-iters", "4", "--save", str(ckpt),
+                                    "--tensorboard-dir", str(board), "--eval-interval", "2"))
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    valid = [r for r in records if r["kind"] == "validation"]
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4]
+    assert [r["lm_loss"] for r in train] == pytest.approx(losses(summary))
+    assert {"tokens_per_second", "tflops_per_device", "grad_norm", "learning_rate"} <= set(train[0])
+    assert [r["iteration"] for r in valid] == [2, 4]
+    assert valid[-1]["ppl"] == pytest.approx(math.exp(valid[-1]["lm_loss"]))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/lm_loss")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_nan_loss_is_skipped_and_counted(single_process_parallel, corpus, monkeypatch):
+    from megatron_latent.training.engines import cpu
+
+    original = cpu.split_model_output
+    calls = {"n": 0}
+
+    def poisoned(output):
+        loss, aux = original(output)
+        calls["n"] += 1
+        if calls["n"] in (5, 6):  # both micro-batches of iteration 3 (4 micro-batches/step)
+            loss = loss * float("nan")
+        return loss, aux
+
+    monkeypatch.setattr(cpu, "split_model_output", poisoned)
+    summary, trainer = run_training(flags(corpus, "--train-iters", "4", micro=4))
+    assert trainer.state.skipped_iterations == 1 and trainer.state.nan_iterations == 1
+    assert math.isnan(losses(summary)[2]) and all(math.isfinite(x) for x in losses(summary)[3:])
+
+    calls["n"] = 0
+    with pytest.raises(Exception, match="exit-on-nan"):
+        run_training(flags(corpus, "--train-iters", "4", "--exit-on-nan", micro=4))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--global-batch-size", "6"], "not divisible by --micro-batch-size 4"),
+        (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible"),
+        (["--pipeline-model-parallel-size", "2"], "world size 1 is not divisible"),
+        (["--fp16"], "--fp16 needs CUDA"),
+    ],
+)
+def test_bad_flags_fail_before_any_model(single_process_parallel, corpus, extra, message,
+                                         monkeypatch):
+    from megatron_latent.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "make_engine",
+                        lambda *a, **k: pytest.fail("engine built for invalid flags"))
+    with pytest.raises(ConfigError, match=message):
+        run_training(flags(corpus, "--train-iters", "2", "--micro-batch-size", "4", *extra))
+
+
+def test_pipeline_parallel_on_cpu_is_refused():
+    from megatron_latent.arguments import parse_run_config
+    from megatron_latent.models.registry import get_method
+    from megatron_latent.training.trainer import validate_run
+
+    run, _ = parse_run_config(["--model", "tiny", "--mock-data", "--train-iters", "1",
+                               "--pipeline-model-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="needs the CUDA engine"):
+        validate_run(run, get_method("vanilla"), 2, torch.device("cpu"))
+
+
+def test_missing_data_and_tokenizer_files_are_named(single_process_parallel, corpus, tmp_path):
+    prefix, tokenizer = corpus
+    missing = str(tmp_path / "nowhere" / "data")
+    with pytest.raises(ConfigError, match="nowhere"):
+        run_training(flags(corpus, "--train-iters", "1") + ["--data-path", missing])
+    with pytest.raises(Exception, match="no_tokenizer.json"):
+        run_training(flags(corpus, "--train-iters", "1") +
+                     ["--tokenizer-model", str(tmp_path / "no_tokenizer.json")])
+
+
+def test_tokenizer_larger_than_checkpoint_vocab_is_refused(single_process_parallel, corpus,
+                                                           tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_training(flags(corpus, "--train-iters", "1", "--save", ckpt))
+    bigger = write_wordlevel_tokenizer(str(tmp_path / "big"), vocab_size=1024)
+    with pytest.raises(ConfigError, match=r"tokenizer vocabulary \(1024\) is larger"):
+        run_training(flags(corpus, "--train-iters", "2", "--load", ckpt) +
+                     ["--tokenizer-model", bigger])
+
+
+def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, str(ROOT / "pretrain.py"),
+               *flags(corpus, "--train-iters", "100000", "--save", str(ckpt))]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, cwd=ROOT)
+    output = []
+    deadline = time.time() + 120
+    for line in process.stdout:
+        output.append(line)
+        if "iteration        3/" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(output)
+    rest, _ = process.communicate(timeout=120)
+    output.append(rest)
+    assert process.returncode == 0, "".join(output)
+    saved = checkpointing.read_tracker(str(ckpt))
+    assert saved is not None and 3 <= saved < 100000
+    assert "done: signal" in "".join(output)
