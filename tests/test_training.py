@@ -297,3 +297,24 @@ def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
     saved = checkpointing.read_tracker(str(ckpt))
     assert saved is not None and 3 <= saved < 100000
     assert "done: signal" in "".join(output)
+
+
+def test_resume_on_more_data_parallel_ranks(single_process_parallel, corpus, tmp_path):
+    """A checkpoint written by one process continues under torchrun with DP=2: the same
+    global batches, so the same losses (up to summation order)."""
+    full, _ = run_training(flags(corpus, "--train-iters", "6"))
+    ckpt = tmp_path / "ckpt"
+    run_training(flags(corpus, "--train-iters", "6", "--exit-interval", "3", "--save", str(ckpt)))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "pretrain.py"),
+               *flags(corpus, "--train-iters", "6", "--load", str(ckpt), "--save", str(ckpt))]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "DP=2" in result.stdout
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r["lm_loss"] for r in records if r["kind"] == "train" and r["iteration"] > 3]
+    assert resumed == pytest.approx(losses(full)[3:], rel=1e-5, abs=1e-6)

@@ -1,0 +1,97 @@
+"""Training across two gloo processes: DP=2 and TP=2 reach the same losses, a DP=2 run
+resumes bit for bit, and a checkpoint written at TP=1 is re-cut for TP=2."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_latent.config import ConfigError  # noqa: E402
+
+from training_fixtures import (  # noqa: E402
+    TINY_FLAGS,
+    run_training,
+    write_token_dataset,
+    write_wordlevel_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def shared_dir(world):
+    """A directory both ranks see (rank 0 creates it)."""
+    box = [tempfile.mkdtemp(prefix="ml-dist-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_dir):
+    if dist.get_rank() == 0:
+        write_token_dataset(str(shared_dir / "data" / "tokens"))
+        write_wordlevel_tokenizer(str(shared_dir / "tokenizer"))
+    dist.barrier()
+    return str(shared_dir / "data" / "tokens"), str(shared_dir / "tokenizer" / "tokenizer.json")
+
+
+def flags(corpus, *extra):
+    prefix, tokenizer = corpus
+    return TINY_FLAGS + [
+        "--data-path", prefix, "--split", "90,10,0",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
+        "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--eval-iters", "1", "--eval-interval", "100", *extra,
+    ]
+
+
+def losses(summary):
+    return [entry["lm_loss"] for entry in summary.history]
+
+
+def test_dp2_and_tp2_train_alike_and_resume_exactly(use_parallel, corpus, shared_dir):
+    data_parallel, _ = run_training(flags(corpus, "--train-iters", "6"))
+    tensor_parallel, trainer = run_training(
+        flags(corpus, "--train-iters", "6", "--tensor-model-parallel-size", "2"))
+    assert trainer.dp_size == 1
+    assert losses(tensor_parallel) == pytest.approx(losses(data_parallel), rel=1e-5, abs=1e-6)
+
+    sequence_parallel, _ = run_training(
+        flags(corpus, "--train-iters", "6", "--tensor-model-parallel-size", "2",
+              "--sequence-parallel"))
+    assert losses(sequence_parallel) == pytest.approx(losses(data_parallel), rel=1e-5, abs=1e-6)
+
+    ckpt = str(shared_dir / "ckpt_dp2")
+    first, _ = run_training(flags(corpus, "--train-iters", "6", "--exit-interval", "3",
+                                  "--save", ckpt))
+    resumed, trainer = run_training(flags(corpus, "--train-iters", "6", "--load", ckpt))
+    assert trainer.dp_size == 2
+    assert losses(first) + losses(resumed) == losses(data_parallel)  # bit for bit
+
+
+def test_tp1_checkpoint_recut_for_tp2(use_parallel, corpus, shared_dir):
+    ckpt = str(shared_dir / "ckpt_tp1")
+    _, source = run_training(flags(corpus, "--train-iters", "2", "--save", ckpt))
+    full_weights = source.engine.model_state()
+    with pytest.raises(ConfigError, match="--no-load-optim"):
+        run_training(flags(corpus, "--train-iters", "4", "--load", ckpt,
+                           "--tensor-model-parallel-size", "2"))
+
+    from megatron_latent.arguments import parse_run_config
+    from megatron_latent.distributed import tp_rank
+    from megatron_latent.models.hf_gpt_neox import shard_for_rank
+    from megatron_latent.training.trainer import Trainer
+
+    run, _ = parse_run_config(flags(corpus, "--train-iters", "4", "--load", ckpt,
+                                    "--tensor-model-parallel-size", "2", "--no-load-optim"))
+    trainer = Trainer(run)
+    trainer.setup()
+    assert trainer.state.iteration == 2
+    expected = shard_for_rank(full_weights, 2, tp_rank())
+    for name, tensor in trainer.engine.model_state().items():
+        assert torch.equal(tensor, expected[name]), name
