@@ -308,3 +308,62 @@ def load_checkpoint(root: str, engine, scheduler, finetune: bool = False,
     state = TrainState(**own["train_state"])
     logger.info("resumed from %s at iteration %d", directory, state.iteration)
     return state
+
+
+# -- offline access (conversion, generation, evaluation) -----------------------------------
+def load_full_model_state(root: str, iteration: int | None = None
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """(unsharded canonical weights, stored run config, iteration) of a checkpoint, merged
+    over every TP/PP shard; needs no process group."""
+    iteration = read_tracker(root) if iteration is None else iteration
+    if iteration is None:
+        raise ConfigError(f"{root}: no {TRACKER_FILE}; is this a checkpoint directory?")
+    directory = iteration_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{directory} does not exist")
+    config = read_checkpoint_config(root, iteration)
+    shards = sorted(name for name in os.listdir(directory) if name.startswith("mp_rank_"))
+    if not shards:
+        raise ConfigError(f"{directory} holds no mp_rank_* shard directories")
+    first = _load_file(os.path.join(directory, shards[0], CHECKPOINT_FILE))
+    tp, pp = first["tensor_model_parallel_size"], first["pipeline_model_parallel_size"]
+    by_tp = []
+    for tp_rank in range(tp):
+        merged: dict[str, torch.Tensor] = {}
+        for pp_rank in range(pp):
+            path = os.path.join(directory, rank_dirname(tp_rank, pp_rank, pp), CHECKPOINT_FILE)
+            merged.update(_load_file(path)["model"])
+        by_tp.append(merged)
+    return merge_shards(by_tp), config, iteration
+
+
+def write_weights_checkpoint(root: str, full: dict[str, torch.Tensor], run_config: dict[str, Any],
+                             tensor_parallel_size: int = 1, iteration: int = 0) -> str:
+    """Write weights only (no optimizer) in this project's layout, split for a TP size, for
+    `--load ... --finetune`; written atomically like a training save."""
+    os.makedirs(root, exist_ok=True)
+    tmp_root = os.path.join(root, f".tmp_iter_{iteration:07d}_{uuid.uuid4().hex[:8]}")
+    for tp_rank in range(tensor_parallel_size):
+        rank_dir = os.path.join(tmp_root, rank_dirname(tp_rank, 0, 1))
+        os.makedirs(rank_dir)
+        payload = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "train_state": asdict(TrainState(iteration=iteration)),
+            "model": shard_for_rank(full, tensor_parallel_size, tp_rank),
+            "optimizer": None,
+            "opt_param_scheduler": None,
+            "rng_state": [],
+            "tensor_model_parallel_size": tensor_parallel_size,
+            "pipeline_model_parallel_size": 1,
+            "data_parallel_size": 1,
+        }
+        torch.save(payload, os.path.join(rank_dir, CHECKPOINT_FILE))
+    with open(os.path.join(tmp_root, CONFIG_FILE), "w") as handle:
+        json.dump(run_config, handle, indent=2, sort_keys=True, default=str)
+    final = iteration_dir(root, iteration)
+    if os.path.exists(final):
+        raise ConfigError(f"{final} already exists; choose another output directory")
+    os.replace(tmp_root, final)
+    _atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
+    return final

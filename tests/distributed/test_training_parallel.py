@@ -95,3 +95,29 @@ def test_tp1_checkpoint_recut_for_tp2(use_parallel, corpus, shared_dir):
     expected = shard_for_rank(full_weights, 2, tp_rank())
     for name, tensor in trainer.engine.model_state().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_tp2_checkpoint_converts_to_hugging_face(use_parallel, corpus, shared_dir):
+    transformers = pytest.importorskip("transformers")
+    import importlib.util
+
+    from megatron_latent.distributed import gather_tensor_parallel
+
+    ckpt, hf_dir = shared_dir / "ckpt_tp2", shared_dir / "hf_tp2"
+    _, trainer = run_training(flags(corpus, "--train-iters", "2", "--save", str(ckpt),
+                                    "--tensor-model-parallel-size", "2"))
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = trainer.engine.unwrapped_model().eval()
+    with torch.no_grad():
+        ours = gather_tensor_parallel(model(ids), dim=-1)
+    if dist.get_rank() == 0:
+        path = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
+        spec = importlib.util.spec_from_file_location("convert_checkpoint", path)
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        assert tool.main(["to-hf", "--load", str(ckpt), "--output", str(hf_dir)]) == 0
+        hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(str(hf_dir)).float().eval()
+        with torch.no_grad():
+            theirs = hf_model(ids).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+    dist.barrier()
