@@ -146,6 +146,38 @@ def _global_top_k(values: Tensor, top_k: int, group) -> tuple[Tensor, Tensor]:
     return mask[..., rank * n:(rank + 1) * n], gathered.amax(dim=-1)
 
 
+class _ExpWeightedRows(torch.autograd.Function):
+    """[e · W, Σ e] with e = exp(logits - shift), packed as [.., h + 1] in fp32.
+
+    The same as autograd through exp, matmul and sum, with two fewer full-vocabulary
+    temporaries: e is exponentiated in place and saved alone, and the backward
+    d logits = e ⊙ (dU · Wᵀ + dz) is one addmm and an in-place multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, shift: Tensor, table: Tensor) -> Tensor:
+        weights = (logits - shift.unsqueeze(-1)).exp_()
+        flat = weights.view(-1, weights.shape[-1])
+        packed = torch.cat([torch.mm(flat, table).float(), flat.sum(-1, keepdim=True).float()],
+                           dim=-1)
+        ctx.save_for_backward(weights, table)
+        return packed.view(*weights.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weights, table = ctx.saved_tensors
+        flat = weights.view(-1, weights.shape[-1])
+        grad = grad.reshape(-1, grad.shape[-1]).to(weights.dtype)
+        grad_mixed, grad_total = grad[:, :-1], grad[:, -1:]
+        grad_logits = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.addmm(grad_total, grad_mixed, table.t()).mul_(flat)
+            grad_logits = grad_logits.view_as(weights)
+        if ctx.needs_input_grad[2]:
+            grad_table = torch.mm(flat.t(), grad_mixed)
+        return grad_logits, None, grad_table
+
+
 def mix_input_embeddings(
     logits: Tensor,
     table: Tensor,
@@ -162,15 +194,15 @@ def mix_input_embeddings(
     exp(logits - global max); one all-reduce (reduce-scatter under SP) adds them; the division
     happens after. The max is detached: softmax does not depend on it.
     """
-    group = group if group is not None else parallel_state.get_tensor_model_parallel_group()
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if group is None and dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        group = parallel_state.get_tensor_model_parallel_group()
+    world = dist.get_world_size(group) if group is not None else 1
     s, b, local_vocab = logits.shape
     if top_k == 0:
         shift = logits.detach().amax(dim=-1)
         if world > 1:
             dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
-        weights = torch.exp(logits - shift.unsqueeze(-1))
-        partial = torch.matmul(weights, table)
+        packed = _ExpWeightedRows.apply(logits, shift, table)
     else:
         values, index = torch.topk(logits, min(top_k, local_vocab), dim=-1)
         chosen, shift = _global_top_k(values.detach(), top_k, group if world > 1 else None)
@@ -180,8 +212,8 @@ def mix_input_embeddings(
             index.reshape(-1, n), table, per_sample_weights=weights.reshape(-1, n).to(table.dtype),
             mode="sum",
         ).view(s, b, -1)
-    # Normaliser and partial mixture travel together, reduced in fp32.
-    packed = torch.cat([partial.float(), weights.sum(dim=-1, keepdim=True).float()], dim=-1)
+        # Normaliser and partial mixture travel together, reduced in fp32.
+        packed = torch.cat([partial.float(), weights.sum(dim=-1, keepdim=True).float()], dim=-1)
     if sequence_parallel and world > 1:
         packed = reduce_scatter_to_sequence_parallel_region(packed, group=group)
     elif world > 1:
