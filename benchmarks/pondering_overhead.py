@@ -33,20 +33,24 @@ def build(method: str, config, options, seed: int = 1234):
     return spec.build_model(config, None, torch.device("cpu"), options), config
 
 
-def time_training(model, ids, labels, iters: int, warmup: int = 2) -> float:
-    """Median seconds of one optimizer step on a fixed batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                  weight_decay=0.01)
-    model.train()
-    times = []
+def time_training(models: dict, ids, labels, iters: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of one optimizer step per model on a fixed batch. The models take turns
+    step by step, so background load falls on all of them alike."""
+    optimizers = {
+        name: torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+        for name, model in models.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in models}
     for step in range(warmup + iters):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model(ids, labels=labels).mean().backward()
-        optimizer.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, model in models.items():
+            model.train()
+            start = time.perf_counter()
+            optimizers[name].zero_grad(set_to_none=True)
+            model(ids, labels=labels).mean().backward()
+            optimizers[name].step()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def time_decoding(model, prompts, new_tokens: int, use_cache: bool) -> float:
@@ -97,17 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{'training step':34s} {'ms/step':>9s} {'ratio':>7s} {'FLOPs ratio':>12s} "
           f"{'time/FLOPs':>11s}")
-    models = {}
-    vanilla_time = vanilla_flops = None
+    models, flops = {}, {}
     for name, method, options in variants:
-        model, config = build(method, base, options)
-        models[name] = model
-        flops = get_method(method).forward_flops_per_token(config, options, seq, 1)
-        seconds = time_training(model, ids, labels, args.iters)
-        if vanilla_time is None:
-            vanilla_time, vanilla_flops = seconds, flops
-        ratio, flops_ratio = seconds / vanilla_time, flops / vanilla_flops
-        print(f"{name:34s} {1e3 * seconds:9.1f} {ratio:7.2f} {flops_ratio:12.2f} "
+        models[name], config = build(method, base, options)
+        flops[name] = get_method(method).forward_flops_per_token(config, options, seq, 1)
+    seconds = time_training(models, ids, labels, args.iters)
+    reference = variants[0][0]
+    for name, _, _ in variants:
+        ratio = seconds[name] / seconds[reference]
+        flops_ratio = flops[name] / flops[reference]
+        print(f"{name:34s} {1e3 * seconds[name]:9.1f} {ratio:7.2f} {flops_ratio:12.2f} "
               f"{ratio / flops_ratio:11.2f}")
     passes = args.steps + 1
     print(f"(ideal by passes alone: {passes:.1f}; the FLOPs ratio adds the k mixing matmuls "
