@@ -21,6 +21,7 @@ from ..data.datasets import (
     build_gpt_datasets,
     build_valid_datasets_per_component,
     check_data_paths,
+    parse_blend,
 )
 from ..data.indexed import DatasetPathError
 from ..data.samplers import build_pretraining_data_loader
@@ -100,7 +101,13 @@ def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters
         valid_sets: list[tuple[str, Any]] = []
         if valid_samples and valid is not None:
             valid_sets.append(("validation", valid))
-            components = config.prefixes() if not config.mock_data else []
+            if config.mock_data:
+                components = []
+            elif config.data_path:
+                components = config.blend()[0]
+            else:
+                components = parse_blend(config.valid_data_path or [])[0] if \
+                    config.valid_data_path else []
             if len(components) > 1:
                 for prefix, dataset in build_valid_datasets_per_component(config, tokenizer,
                                                                           valid_samples):

@@ -101,8 +101,9 @@ def validate_run(run: RunConfig, spec: MethodSpec, world_size: int, device: torc
         raise ConfigError("--save-interval must be positive")
     if run.checkpoint.save_interval and not run.checkpoint.save:
         raise ConfigError("--save-interval needs --save <directory>")
-    if run.checkpoint.load and not os.path.isdir(run.checkpoint.load):
-        raise ConfigError(f"--load {run.checkpoint.load}: no such directory")
+    if run.checkpoint.load and os.path.exists(run.checkpoint.load) and \
+            not os.path.isdir(run.checkpoint.load):
+        raise ConfigError(f"--load {run.checkpoint.load} is a file, not a checkpoint directory")
     if run.logging.log_interval <= 0:
         raise ConfigError("--log-interval must be positive")
     check_data(run)
@@ -241,7 +242,12 @@ class Trainer:
         self.engine.build()
         self.scheduler = build_scheduler(run, self.engine.optimizer, self.total_iters)
         self.state = TrainState()
-        if run.checkpoint.load:
+        if run.checkpoint.load and checkpointing.read_tracker(run.checkpoint.load) is None:
+            # As in Megatron-LM: --load == --save lets a requeued job resume, and the very
+            # first launch (nothing saved yet) starts from scratch.
+            _print(f"WARNING: --load {run.checkpoint.load} holds no checkpoint yet "
+                   f"(no {checkpointing.TRACKER_FILE}); training from scratch")
+        elif run.checkpoint.load:
             self.state = checkpointing.load_checkpoint(
                 run.checkpoint.load, self.engine, self.scheduler,
                 finetune=run.checkpoint.finetune,
