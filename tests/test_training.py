@@ -318,3 +318,14 @@ def test_resume_on_more_data_parallel_ranks(single_process_parallel, corpus, tmp
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     resumed = [r["lm_loss"] for r in records if r["kind"] == "train" and r["iteration"] > 3]
     assert resumed == pytest.approx(losses(full)[3:], rel=1e-5, abs=1e-6)
+
+
+def test_load_of_an_empty_directory_starts_from_scratch(single_process_parallel, corpus,
+                                                        tmp_path, capsys):
+    """--load == --save on the first launch of a requeueable job (Megatron-LM behaviour)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    summary, trainer = run_training(flags(corpus, "--train-iters", "2", "--load", str(ckpt),
+                                          "--save", str(ckpt)))
+    assert summary.iterations == 2 and "training from scratch" in capsys.readouterr().out
+    assert checkpointing.read_tracker(str(ckpt)) == 2
