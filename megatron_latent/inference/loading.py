@@ -1,0 +1,63 @@
+"""Rebuild a trained model from a checkpoint for generation or evaluation, at any TP size."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..distributed import ParallelConfig, initialize_parallel, tp_rank, tp_size
+from ..models.hf_gpt_neox import load_canonical, shard_for_rank
+from ..models.language_model import RuntimeOptions
+from ..models.registry import get_method
+from ..training.checkpointing import load_full_model_state
+from ..training.config import RunConfig
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    run: RunConfig
+    iteration: int
+    tokenizer: Any | None
+
+
+def load_model_for_inference(
+    checkpoint: str,
+    iteration: int | None = None,
+    tensor_parallel_size: int = 1,
+    device: torch.device | None = None,
+    tokenizer_overrides: dict[str, str | None] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """The checkpoint's method model in eval mode on this rank (weights re-cut for
+    `tensor_parallel_size`), with the tokenizer it was trained with (or the overrides)."""
+    full, stored, found_iteration = load_full_model_state(checkpoint, iteration)
+    run = RunConfig.from_dict(stored)
+    device = initialize_parallel(
+        ParallelConfig(tensor_model_parallel_size=tensor_parallel_size), device,
+        seed=run.training.seed)
+    spec = get_method(run.method)
+    options = spec.options_from_args(argparse.Namespace(**run.method_args))
+    model_config = spec.prepare_model_config(run.model, options)
+    runtime = RuntimeOptions(tensor_model_parallel_size=tp_size())
+    model = spec.build_model(model_config, runtime, device, options, True, True)
+    load_canonical(model, shard_for_rank(full, tp_size(), tp_rank()))
+    model = model.to(dtype).eval()
+
+    settings = run.tokenizer
+    overrides = {k: v for k, v in (tokenizer_overrides or {}).items() if v}
+    tokenizer_type = overrides.get("tokenizer_type", settings.tokenizer_type)
+    tokenizer = None
+    if tokenizer_type:
+        from ..data.tokenizers import build_tokenizer
+
+        tokenizer = build_tokenizer(
+            tokenizer_type,
+            tokenizer_model=overrides.get("tokenizer_model", settings.tokenizer_model),
+            vocab_file=overrides.get("vocab_file", settings.vocab_file),
+            merge_file=overrides.get("merge_file", settings.merge_file),
+        )
+    return LoadedModel(model, run, found_iteration, tokenizer)
