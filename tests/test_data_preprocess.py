@@ -14,6 +14,11 @@ import time
 import numpy
 import pytest
 import sentencepiece
+
+from megatron_latent.data.preprocess import PreprocessConfig, PreprocessError, preprocess
+from megatron_latent.data.readers import InputError
+from megatron_latent.data.tokenizers import TokenizerError, build_tokenizer
+
 from data_fixtures import (
     REPO,
     TOOLS,
@@ -24,10 +29,6 @@ from data_fixtures import (
     sentencepiece_model,
     write_jsonl,
 )
-
-from megatron_latent.data.preprocess import PreprocessConfig, PreprocessError, preprocess
-from megatron_latent.data.readers import InputError
-from megatron_latent.data.tokenizers import TokenizerError, build_tokenizer
 
 DOCS = [t for t in TRICKY_TEXTS if t.strip()] + list(corpus_texts())
 

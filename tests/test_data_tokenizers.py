@@ -7,14 +7,6 @@ import os
 
 import pytest
 import sentencepiece
-from data_fixtures import (
-    TRICKY_TEXTS,
-    ReferenceGPT2BPE,
-    corpus_texts,
-    gpt2_files,
-    hf_tokenizer_dir,
-    sentencepiece_model,
-)
 
 from megatron_latent.data.tokenizer_args import RESERVED_SPECIAL_TOKENS, TOKENIZER_TYPE_NAMES
 from megatron_latent.data.tokenizers import (
@@ -24,6 +16,15 @@ from megatron_latent.data.tokenizers import (
     TokenizerError,
     build_tokenizer,
     load_tokenizer,
+)
+
+from data_fixtures import (
+    TRICKY_TEXTS,
+    ReferenceGPT2BPE,
+    corpus_texts,
+    gpt2_files,
+    hf_tokenizer_dir,
+    sentencepiece_model,
 )
 
 SAMPLES = TRICKY_TEXTS + list(corpus_texts()[:5])

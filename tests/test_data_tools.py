@@ -11,6 +11,9 @@ import sys
 
 import pytest
 import sentencepiece
+
+from megatron_latent.data.preprocess import PreprocessConfig, preprocess
+
 from data_fixtures import (
     REPO,
     TOOLS,
@@ -20,8 +23,6 @@ from data_fixtures import (
     write_indexed,
     write_jsonl,
 )
-
-from megatron_latent.data.preprocess import PreprocessConfig, preprocess
 
 
 def _tool(name: str, *args: str) -> subprocess.CompletedProcess:

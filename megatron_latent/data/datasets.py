@@ -13,7 +13,8 @@ builds when it is not; both work here. ``is_built_on_rank`` decides which ranks 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from megatron_latent.data.indexed import DatasetPathError, read_index_header
@@ -154,16 +155,55 @@ def _every_rank() -> bool:
     return True
 
 
-def _check_sizes(config: DataConfig, sizes: list[int | None]) -> None:
-    blends = [config.blend()] * 3 if config.data_path else (config.blend_per_split() or [])
+@contextmanager
+def _rank_zero_without_process_group() -> Iterator[None]:
+    """Let megatron-core's BlendedDataset write its cache without a process group.
+
+    megatron-core 0.16's ``BlendedDataset._build_indices`` calls ``torch.distributed.get_rank()``
+    on a cache miss even when no process group exists (GPTDataset checks first). Without a
+    process group this process is the only one, so it is rank 0 for the duration of the build.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    original = dist.get_rank
+    dist.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        dist.get_rank = original
+
+
+def _checked_sizes(config: DataConfig, sizes: list[int | None]) -> list[int | None]:
+    """Sizes megatron-core accepts: a split that gets no data needs no count (None -> 0);
+    a weighted blend needs a count for every split it feeds."""
     names = ("train", "valid", "test")
+    if config.mock_data:
+        blends = [None, None, None]
+    elif config.data_path:
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix,
+            parse_and_normalize_split,
+        )
+
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(config.split))
+        blends = [config.blend() if part is not None else None for part in matrix]
+    else:
+        blends = config.blend_per_split()
+    out: list[int | None] = []
     for name, blend, size in zip(names, blends, sizes):
         if size is not None and size < 0:
             raise ValueError(f"{name}_samples must be >= 0, got {size}")
-        if blend is not None and blend[1] is not None and size is None:
+        if blend is None and not config.mock_data:
+            size = 0 if size is None else size
+        elif blend is not None and blend[1] is not None and size is None:
             raise ValueError(
                 f"a weighted blend needs a {name} sample count ({name}_samples is None)"
             )
+        out.append(size)
+    return out
 
 
 def build_gpt_datasets(
@@ -186,8 +226,7 @@ def build_gpt_datasets(
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
-    sizes = [train_samples, valid_samples, test_samples]
-    _check_sizes(config, sizes)
+    sizes = _checked_sizes(config, [train_samples, valid_samples, test_samples])
     if config.mock_data:
         gpt_config = _gpt_config(config, tokenizer, split=config.split)
         cls = MockGPTDataset
@@ -204,7 +243,8 @@ def build_gpt_datasets(
     builder = BlendedMegatronDatasetBuilder(
         cls, sizes, is_built_on_rank or _every_rank, gpt_config
     )
-    train, valid, test = builder.build()
+    with _rank_zero_without_process_group():
+        train, valid, test = builder.build()
     return train, valid, test
 
 
@@ -252,5 +292,6 @@ def build_valid_datasets_per_component(
         builder = BlendedMegatronDatasetBuilder(
             GPTDataset, [None, valid_samples, None], is_built_on_rank or _every_rank, gpt_config
         )
-        out.append((prefix, builder.build()[1]))
+        with _rank_zero_without_process_group():
+            out.append((prefix, builder.build()[1]))
     return out
