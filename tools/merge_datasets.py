@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# megatron-core warns on import that the GPU kernel libraries are absent; data tools use none.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 EPILOG = """\
 inputs:
