@@ -228,6 +228,7 @@ BAD_LINES = [
     (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "invalid UTF-8", 2),
     (b'{"text": "fine"}\n\n{"text": "x"}\n', "blank line", 2),
     (b'{"text": "fine"}\n["a list"]\n', "expected a JSON object", 2),
+    (b'{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n', "not valid Unicode", 2),
 ]
 
 
@@ -294,6 +295,15 @@ def test_input_problems_are_reported_before_any_work(tmp_path):
         _run(data, tmp_path / "out", tokenizer_model=missing_model)
     with pytest.raises(PreprocessError, match="multiple of --partitions"):
         _run(data, tmp_path / "out", workers=3, partitions=2)
+    assert _leftovers(tmp_path) == []
+
+
+def test_truncated_gzip_is_reported_with_file_and_line(tmp_path):
+    lines = b"".join(b'{"text": "line %d of many, many lines."}\n' % i for i in range(3000))
+    whole = gzip.compress(lines)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(PreprocessError, match=r"cannot read input file '.*cut\.jsonl\.gz' after line \d+"):
+        _run(str(tmp_path / "cut.jsonl.gz"), tmp_path / "out", workers=2)
     assert _leftovers(tmp_path) == []
 
 

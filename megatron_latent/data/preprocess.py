@@ -177,6 +177,9 @@ def _encode_record(record: Record) -> tuple:
             out[key] = (numpy.asarray(ids, dtype=_WORKER["dtype"]), lengths)
     except BadRecord as bad:
         return ("bad", record.file_index, record.number, bad.kind, bad.reason)
+    except Exception as err:  # the tokenizer rejected the text: report where
+        reason = f"cannot tokenize ({type(err).__name__}: {err})"
+        return ("bad", record.file_index, record.number, "tokenizer error", reason)
     return ("ok", record.file_index, record.number, nbytes, out)
 
 

@@ -215,6 +215,14 @@ def decode_record(record: Record, keys: Sequence[str]) -> tuple[dict[str, str], 
             raise BadRecord(
                 "missing key", f"key {key!r} holds {type(value).__name__}, expected a string"
             )
+        if isinstance(payload, bytes) and "\\u" in line and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:  # a JSON escape of a lone surrogate
+                bad = repr(value[err.start])
+                raise BadRecord(
+                    "invalid UTF-8", f"key {key!r} holds {bad}, which is not valid Unicode"
+                ) from None
         texts[key] = value
     return texts, record.nbytes
 
