@@ -13,7 +13,6 @@ import tempfile
 from functools import cache
 
 import numpy
-import regex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(REPO, "tools")
@@ -164,9 +163,7 @@ def read_bytes(prefix: str) -> tuple[bytes, bytes]:
 
 # -- an independent GPT-2 byte-level BPE, written from the published algorithm -------------
 
-_GPT2_PATTERN = regex.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -195,6 +192,10 @@ class ReferenceGPT2BPE:
         self.ranks = {tuple(ln.split(" ")): i for i, ln in enumerate(lines)}
         self.byte_map = _byte_alphabet()
         self.specials = list(specials)
+        import regex  # Unicode classes (\p{L}); installed with transformers
+
+        self.regex = regex
+        self.pattern = regex.compile(_GPT2_PATTERN)
 
     def _bpe(self, word: str) -> list[str]:
         parts = list(word)
@@ -219,12 +220,12 @@ class ReferenceGPT2BPE:
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        pattern = "(" + "|".join(regex.escape(s) for s in self.specials) + ")"
-        for chunk in regex.split(pattern, text):
+        pattern = "(" + "|".join(self.regex.escape(s) for s in self.specials) + ")"
+        for chunk in self.regex.split(pattern, text):
             if chunk in self.specials:
                 ids.append(self.vocab[chunk])
                 continue
-            for word in _GPT2_PATTERN.findall(chunk):
+            for word in self.pattern.findall(chunk):
                 mapped = "".join(self.byte_map[b] for b in word.encode("utf-8"))
                 ids.extend(self.vocab[p] for p in self._bpe(mapped))
         return ids

@@ -192,6 +192,9 @@ def test_data_config_validation_and_blend_parsing():
     with pytest.raises(ValueError, match="split applies to data_path"):
         DataConfig(train_data_path=["a"], split="1,0,0")
     assert DataConfig(data_path=["a"]).split == "969,30,1"
+    for bad in ("abc", "0,0,0", "1,2,3,4", "-1,2"):
+        with pytest.raises(ValueError, match="comma-separated non-negative numbers"):
+            DataConfig(data_path=["a"], split=bad)
 
 
 def _global_batches(dataset, dp: int, micro: int, steps: int, accumulation: int,

@@ -64,6 +64,17 @@ class DataConfig:
             raise ValueError("split applies to data_path, not to train/valid/test_data_path")
         if self.data_path and self.split is None:
             self.split = DEFAULT_SPLIT
+        if self.split is not None:
+            parts = [p.strip() for p in self.split.replace("/", ",").split(",")]
+            try:
+                weights = [float(p) for p in parts]
+            except ValueError:
+                weights = []
+            if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    f"split {self.split!r} must be 1-3 comma-separated non-negative numbers "
+                    "with a positive sum, e.g. '969,30,1'"
+                )
         if self.seq_length < 1:
             raise ValueError(f"seq_length must be positive, got {self.seq_length}")
         for blend in (self.data_path, self.train_data_path, self.valid_data_path,
