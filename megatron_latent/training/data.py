@@ -97,7 +97,7 @@ def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters
     valid_samples = run.evaluation.eval_iters * global_batch if run.evaluation.eval_iters else 0
     try:
         train, valid, _ = build_gpt_datasets(config, tokenizer, train_samples,
-                                             valid_samples or None, None)
+                                             valid_samples, None)
         valid_sets: list[tuple[str, Any]] = []
         if valid_samples and valid is not None:
             valid_sets.append(("validation", valid))
