@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.44"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.44", "wandb>=0.17"],
     "te": ["transformer-engine[pytorch]>=1.13"],
     "wandb": ["wandb>=0.17"],
     "eval": ["lm-eval>=0.4.5", "transformers>=4.44"],

@@ -329,3 +329,29 @@ def test_load_of_an_empty_directory_starts_from_scratch(single_process_parallel,
                                           "--save", str(ckpt)))
     assert summary.iterations == 2 and "training from scratch" in capsys.readouterr().out
     assert checkpointing.read_tracker(str(ckpt)) == 2
+
+
+def test_wandb_offline_run_records_the_metrics(single_process_parallel, corpus, tmp_path,
+                                               monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_training(flags(corpus, "--train-iters", "2", "--wandb-project", "tests",
+                       "--wandb-save-dir", str(tmp_path)))
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    content = runs[0].read_bytes()
+    assert b"train/lm_loss" in content and b"validation/lm_loss" in content
+
+
+def test_blend_reports_validation_per_dataset(single_process_parallel, corpus, tmp_path):
+    prefix, tokenizer = corpus
+    other = write_token_dataset(str(tmp_path / "other"), seed=5)
+    summary, _ = run_training(flags(corpus, "--train-iters", "2") +
+                              ["--data-path", "0.3", prefix, "0.7", other])
+    assert set(summary.validation) == {"validation", prefix, other}
+    assert summary.validation[prefix] != summary.validation[other]
+    # With evaluation off a weighted blend still trains.
+    off, _ = run_training(flags(corpus, "--train-iters", "1", "--eval-iters", "0") +
+                          ["--data-path", "0.3", prefix, "0.7", other])
+    assert off.iterations == 1 and off.validation == {}
