@@ -186,7 +186,9 @@ class PythiaModel(LanguageModule):
             rotary_len = inference_context.max_sequence_length
         else:
             rotary_len = seq_length
-        rotary = self.rotary_pos_emb(rotary_len)
+        device = (hidden_states.device if hidden_states is not None
+                  else self.decoder.input_tensor.device)
+        rotary = self.rotary_pos_emb(rotary_len, device=device)
         return self.decoder(
             hidden_states=hidden_states,
             attention_mask=attention_mask,

@@ -26,19 +26,29 @@ class RotaryEmbedding(torch.nn.Module):
     """Rotary frequencies for the first `rotary_percent` of each head (GPT-NeoX rotate-half).
 
     Returns megatron-core's layout, [seq, 1, 1, rotary_dim] with the frequencies repeated
-    twice, so megatron's `apply_rotary_pos_emb` rotates the leading dims of q and k.
+    twice, so megatron's `apply_rotary_pos_emb` rotates the leading dims of q and k. The
+    inverse frequencies are not a module buffer: casting the model to bf16 (Float16Module)
+    must not round them, so they are always computed in fp32 on the caller's device.
     """
 
     def __init__(self, kv_channels: int, rotary_percent: float, rotary_base: int = 10000):
         super().__init__()
-        dim = int(kv_channels * rotary_percent)
-        inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = int(kv_channels * rotary_percent)
+        self.base = rotary_base
+        self._inv_freq: dict[torch.device, Tensor] = {}
 
-    def forward(self, seq_len: int, offset: int = 0) -> Tensor:
-        positions = torch.arange(offset, offset + seq_len, device=self.inv_freq.device,
+    def inv_freq(self, device: torch.device) -> Tensor:
+        if device not in self._inv_freq:
+            exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
+            self._inv_freq[device] = 1.0 / (self.base ** exponents)
+        return self._inv_freq[device]
+
+    def forward(self, seq_len: int, offset: int = 0,
+                device: torch.device | str = "cpu") -> Tensor:
+        inv_freq = self.inv_freq(torch.device(device))
+        positions = torch.arange(offset, offset + seq_len, device=inv_freq.device,
                                  dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq.float())
+        freqs = torch.outer(positions, inv_freq)
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
