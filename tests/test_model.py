@@ -210,3 +210,30 @@ def test_model_info_tool_prints_resolved_config_and_counts():
         capture_output=True, text=True,
     )
     assert bad.returncode != 0 and "not divisible by the tensor parallel size 3" in bad.stderr
+
+
+def test_rotary_frequencies_survive_a_bf16_cast(single_process_parallel):
+    config = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=2, vocab_size=256,
+                         seq_length=2048)
+    model = build_pythia_model(config).to(torch.bfloat16)
+    emb = model.rotary_pos_emb(2048)
+    dim = config.rotary_dim  # 8 of each 32-dim head
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    expected = torch.outer(torch.arange(2048, dtype=torch.float64), inv_freq)
+    assert emb.dtype == torch.float32 and emb.shape == (2048, 1, 1, dim)
+    torch.testing.assert_close(emb[:, 0, 0, : dim // 2].double(), expected, atol=2e-4, rtol=0)
+
+
+def test_transformer_engine_names_map_to_canonical_ones():
+    te_names = {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": torch.ones(4),
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_bias": torch.zeros(4),
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": torch.ones(4),
+        "decoder.layers.0.self_attention.linear_qkv._extra_state": None,
+        "decoder.layers.0.mlp.linear_fc1.weight": torch.ones(8, 4),
+    }
+    canonical = mapping.canonical_state_dict(te_names)
+    assert set(canonical) == {
+        "decoder.layers.0.input_layernorm.weight", "decoder.layers.0.input_layernorm.bias",
+        "decoder.layers.0.pre_mlp_layernorm.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+    }
