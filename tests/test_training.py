@@ -355,3 +355,13 @@ def test_blend_reports_validation_per_dataset(single_process_parallel, corpus, t
     off, _ = run_training(flags(corpus, "--train-iters", "1", "--eval-iters", "0") +
                           ["--data-path", "0.3", prefix, "0.7", other])
     assert off.iterations == 1 and off.validation == {}
+
+
+def test_activation_recompute_gives_the_same_training(single_process_parallel, corpus):
+    plain, _ = run_training(flags(corpus, "--train-iters", "3"))
+    recomputed, trainer = run_training(flags(corpus, "--train-iters", "3",
+                                             "--recompute-granularity", "full"))
+    layers = [m for m in trainer.engine.unwrapped_model().modules()
+              if hasattr(m, "_plain_forward")]
+    assert len(layers) == 2
+    assert losses(recomputed) == losses(plain)
