@@ -125,6 +125,8 @@ def test_built_model_has_the_counted_parameters(single_process_parallel):
         model = build_pythia_model(config)
         built = sum(p.numel() for p in model.parameters())
         assert built == count_parameters(config)["total"]
+        canonical = mapping.model_to_canonical(model)
+        assert {k: tuple(v.shape) for k, v in canonical.items()} == mapping.canonical_shapes(config)
 
 
 @pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.published_params])

@@ -92,6 +92,34 @@ def tp_split_dim(name: str) -> int | None:
     return None
 
 
+def canonical_shapes(config: ModelConfig, padded_vocab_size: int | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+    """Unsharded shape of every canonical weight of a Pythia model (vocab padded for TP=1
+    unless given)."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    v = padded_vocab_size or config.padded_vocab_size()
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (v, h)}
+    for layer in range(config.num_layers):
+        prefix = f"decoder.layers.{layer}."
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            shapes[prefix + norm + ".weight"] = (h,)
+            shapes[prefix + norm + ".bias"] = (h,)
+        shapes.update({
+            prefix + "self_attention.linear_qkv.weight": (3 * h, h),
+            prefix + "self_attention.linear_qkv.bias": (3 * h,),
+            prefix + "self_attention.linear_proj.weight": (h, h),
+            prefix + "self_attention.linear_proj.bias": (h,),
+            prefix + "mlp.linear_fc1.weight": (f, h),
+            prefix + "mlp.linear_fc1.bias": (f,),
+            prefix + "mlp.linear_fc2.weight": (h, f),
+            prefix + "mlp.linear_fc2.bias": (h,),
+        })
+    shapes["decoder.final_layernorm.weight"] = (h,)
+    shapes["decoder.final_layernorm.bias"] = (h,)
+    shapes["output_layer.weight"] = (v, h)
+    return shapes
+
+
 def shard_for_rank(full: Mapping[str, Tensor], tp_size: int, tp_rank: int) -> dict[str, Tensor]:
     """Slice an unsharded canonical state dict down to one TP rank's shard."""
     out = {}

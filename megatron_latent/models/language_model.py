@@ -244,15 +244,18 @@ def build_pythia_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    model_class: type[PythiaModel] | None = None,
+    **model_kwargs,
 ) -> PythiaModel:
-    """Build a PythiaModel on `device` (megatron-core parallel state must be initialised)."""
+    """Build a PythiaModel (or a method's subclass, given `model_class` and its extra
+    keyword arguments) on `device`; megatron-core parallel state must be initialised."""
     runtime = runtime or RuntimeOptions(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size()
     )
     device = torch.device(device)
     transformer_impl, attention = resolve_backends(model_config, device)
     config = build_transformer_config(model_config, runtime)
-    model = PythiaModel(config, model_config, transformer_impl, attention,
-                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    model = (model_class or PythiaModel)(
+        config, model_config, transformer_impl=transformer_impl, attention=attention,
+        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, **model_kwargs)
     return model.to(device)
-

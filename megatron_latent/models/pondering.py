@@ -29,9 +29,8 @@ from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
 from ..flops import FlopsBreakdown, forward_flops_per_token
-from .language_model import PythiaModel, RuntimeOptions, build_transformer_config
+from .language_model import PythiaModel, RuntimeOptions, build_pythia_model
 from .registry import MethodSpec, register_method
-from .specs import resolve_backends
 
 PIPELINE_REFUSAL = (
     "--method pondering does not support pipeline parallelism "
@@ -344,11 +343,8 @@ def build_pondering_model(
     if runtime.pipeline_model_parallel_size != 1 or not (pre_process and post_process):
         raise ConfigError(PIPELINE_REFUSAL)
     model_config = prepare_pondering_config(model_config, options)
-    device = torch.device(device)
-    transformer_impl, attention = resolve_backends(model_config, device)
-    config = build_transformer_config(model_config, runtime)
-    model = PonderingPythiaModel(config, model_config, options, transformer_impl, attention)
-    return model.to(device)
+    return build_pythia_model(model_config, runtime, device,
+                              model_class=PonderingPythiaModel, options=options)
 
 
 # -- FLOPs ---------------------------------------------------------------------------------

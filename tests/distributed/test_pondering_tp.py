@@ -30,24 +30,8 @@ FULL_VOCAB = 512
 def reference_weights() -> dict[str, torch.Tensor]:
     """Unsharded weights, identical on every rank, with peaked output distributions."""
     generator = torch.Generator().manual_seed(11)
-    h, f, v = CONFIG.hidden_size, CONFIG.ffn_hidden_size, FULL_VOCAB
-    shapes = {"embedding.word_embeddings.weight": (v, h), "output_layer.weight": (v, h),
-              "decoder.final_layernorm.weight": (h,), "decoder.final_layernorm.bias": (h,)}
-    for layer in range(CONFIG.num_layers):
-        prefix = f"decoder.layers.{layer}."
-        for norm in ("input_layernorm", "pre_mlp_layernorm"):
-            shapes[prefix + norm + ".weight"] = (h,)
-            shapes[prefix + norm + ".bias"] = (h,)
-        shapes.update({
-            prefix + "self_attention.linear_qkv.weight": (3 * h, h),
-            prefix + "self_attention.linear_qkv.bias": (3 * h,),
-            prefix + "self_attention.linear_proj.weight": (h, h),
-            prefix + "self_attention.linear_proj.bias": (h,),
-            prefix + "mlp.linear_fc1.weight": (f, h), prefix + "mlp.linear_fc1.bias": (f,),
-            prefix + "mlp.linear_fc2.weight": (h, f), prefix + "mlp.linear_fc2.bias": (h,),
-        })
     weights = {}
-    for name, shape in shapes.items():
+    for name, shape in mapping.canonical_shapes(CONFIG, FULL_VOCAB).items():
         std = 0.3 if name == "output_layer.weight" else 0.05
         tensor = std * torch.randn(shape, generator=generator)
         if name.endswith("norm.weight"):

@@ -25,26 +25,8 @@ CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_
 def reference_weights() -> dict[str, torch.Tensor]:
     """Unsharded weights with non-trivial norms/biases, identical on every rank."""
     generator = torch.Generator().manual_seed(7)
-    shapes = {}
-    h, f, v = CONFIG.hidden_size, CONFIG.ffn_hidden_size, CONFIG.padded_vocab_size(2)
-    shapes["embedding.word_embeddings.weight"] = (v, h)
-    for layer in range(CONFIG.num_layers):
-        prefix = f"decoder.layers.{layer}."
-        shapes.update({
-            prefix + "input_layernorm.weight": (h,), prefix + "input_layernorm.bias": (h,),
-            prefix + "pre_mlp_layernorm.weight": (h,), prefix + "pre_mlp_layernorm.bias": (h,),
-            prefix + "self_attention.linear_qkv.weight": (3 * h, h),
-            prefix + "self_attention.linear_qkv.bias": (3 * h,),
-            prefix + "self_attention.linear_proj.weight": (h, h),
-            prefix + "self_attention.linear_proj.bias": (h,),
-            prefix + "mlp.linear_fc1.weight": (f, h), prefix + "mlp.linear_fc1.bias": (f,),
-            prefix + "mlp.linear_fc2.weight": (h, f), prefix + "mlp.linear_fc2.bias": (h,),
-        })
-    shapes["decoder.final_layernorm.weight"] = (h,)
-    shapes["decoder.final_layernorm.bias"] = (h,)
-    shapes["output_layer.weight"] = (v, h)
     weights = {}
-    for name, shape in shapes.items():
+    for name, shape in mapping.canonical_shapes(CONFIG, CONFIG.padded_vocab_size(2)).items():
         tensor = 0.05 * torch.randn(shape, generator=generator)
         if name.endswith("norm.weight"):
             tensor += 1.0
