@@ -236,21 +236,23 @@ def _load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read checkpoint file {path}: {error}") from error
 
 
-def _load_model_shard(directory: str, saved_tp: int, saved_pp: int) -> dict[str, torch.Tensor]:
-    """This rank's canonical model shard, re-cut if the checkpoint used another TP/PP layout."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if saved_tp == tp and saved_pp == pp:
-        return _load_file(os.path.join(directory, _this_rank_dirname(), CHECKPOINT_FILE))["model"]
-    by_tp = []
+def _load_recut_model_shard(directory: str, saved_tp: int, saved_pp: int
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's canonical model shard cut from a checkpoint written with another TP/PP
+    layout, and the first shard file's payload (for the progress counters)."""
+    by_tp, first = [], None
     for tp_rank in range(saved_tp):
         merged: dict[str, torch.Tensor] = {}
         for pp_rank in range(saved_pp):
             name = rank_dirname(tp_rank, pp_rank, saved_pp)
-            merged.update(_load_file(os.path.join(directory, name, CHECKPOINT_FILE))["model"])
+            payload = _load_file(os.path.join(directory, name, CHECKPOINT_FILE))
+            first = first or payload
+            merged.update(payload["model"])
         by_tp.append(merged)
     full = merge_shards(by_tp)
-    return shard_for_rank(full, tp, parallel_state.get_tensor_model_parallel_rank())
+    shard = shard_for_rank(full, parallel_state.get_tensor_model_parallel_world_size(),
+                           parallel_state.get_tensor_model_parallel_rank())
+    return shard, first
 
 
 def load_checkpoint(root: str, engine, scheduler, finetune: bool = False,
@@ -263,33 +265,30 @@ def load_checkpoint(root: str, engine, scheduler, finetune: bool = False,
     directory = iteration_dir(root, iteration)
     if not os.path.isdir(directory):
         raise ConfigError(f"{TRACKER_FILE} names iteration {iteration} but {directory} is missing")
+    saved_parallel = read_checkpoint_config(root, iteration).get("parallel", {})
+    saved_tp = saved_parallel.get("tensor_model_parallel_size", 1)
+    saved_pp = saved_parallel.get("pipeline_model_parallel_size", 1)
     own_path = os.path.join(directory, _this_rank_dirname(), CHECKPOINT_FILE)
-    meta_path = own_path if os.path.isfile(own_path) else os.path.join(
-        directory, rank_dirname(0, 0, 1), CHECKPOINT_FILE)
-    if not os.path.isfile(meta_path):
-        candidates = sorted(os.listdir(directory))
-        meta_path = next((os.path.join(directory, c, CHECKPOINT_FILE) for c in candidates
-                          if c.startswith("mp_rank_")), own_path)
-    meta = _load_file(meta_path)
-    saved_tp = meta["tensor_model_parallel_size"]
-    saved_pp = meta["pipeline_model_parallel_size"]
-    engine.load_model_state(_load_model_shard(directory, saved_tp, saved_pp))
-
     same_layout = (saved_tp == parallel_state.get_tensor_model_parallel_world_size()
                    and saved_pp == parallel_state.get_pipeline_model_parallel_world_size())
+    if load_optimizer and not finetune and not same_layout:
+        raise ConfigError(
+            f"checkpoint {directory} was written with TP={saved_tp}, PP={saved_pp}; this "
+            "run's layout differs, so its optimizer state cannot be restored. Resume with "
+            "--no-load-optim (weights are re-cut automatically) or the saved layout."
+        )
+    if same_layout:
+        own = _load_file(own_path)
+        engine.load_model_state(own["model"])
+    else:
+        shard, own = _load_recut_model_shard(directory, saved_tp, saved_pp)
+        engine.load_model_state(shard)
     if finetune:
         engine.after_weights_loaded_without_optimizer()
         logger.info("loaded weights of iteration %d from %s (--finetune)", iteration, root)
         return TrainState()
 
-    own = _load_file(own_path) if same_layout else meta
     if load_optimizer:
-        if not same_layout:
-            raise ConfigError(
-                f"checkpoint {directory} was written with TP={saved_tp}, PP={saved_pp}; this "
-                "run's layout differs, so its optimizer state cannot be restored. Resume with "
-                "--no-load-optim (weights are re-cut automatically) or the saved layout."
-            )
         if own.get("optimizer") is None:
             raise ConfigError(f"{own_path} holds no optimizer state (saved with "
                               "--no-save-optim); resume with --no-load-optim")
