@@ -15,25 +15,15 @@ from megatron_latent.config import PRESETS, ConfigError, ModelConfig, count_para
 from megatron_latent.models import hf_gpt_neox as mapping
 from megatron_latent.models.language_model import RuntimeOptions, build_pythia_model
 
+from hf_reference import make_gpt_neox
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_hf_model(vocab_size=256, layers=3, hidden=64, heads=4, seed=0):
-    config = transformers.GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=4 * hidden, rotary_pct=0.25,
-        max_position_embeddings=128, use_parallel_residual=True, tie_word_embeddings=False,
-        hidden_act="gelu", attention_dropout=0.0, hidden_dropout=0.0,
-    )
-    torch.manual_seed(seed)
-    model = transformers.GPTNeoXForCausalLM(config).float().eval()
-    with torch.no_grad():  # non-trivial norms and biases so the mapping of each one matters
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(0.1 * torch.randn_like(param))
-    return model
+    return make_gpt_neox(vocab_size, layers, hidden, heads, seed).eval()
 
 
 def hf_head_name(hf_model) -> str:

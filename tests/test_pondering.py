@@ -23,24 +23,16 @@ from megatron_latent.models.pondering import (
 )
 from megatron_latent.models.registry import get_method
 
+from hf_reference import make_gpt_neox
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB, HIDDEN, LAYERS, HEADS = 256, 64, 2, 4
 
 
 def make_hf_model(seed: int = 0):
-    config = transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, intermediate_size=4 * HIDDEN, rotary_pct=0.25,
-        max_position_embeddings=64, use_parallel_residual=True, tie_word_embeddings=False,
-        hidden_act="gelu", attention_dropout=0.0, hidden_dropout=0.0,
-    )
-    torch.manual_seed(seed)
-    model = transformers.GPTNeoXForCausalLM(config).float().train()
+    model = make_gpt_neox(VOCAB, LAYERS, HIDDEN, HEADS, seed, max_positions=64).train()
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(0.1 * torch.randn_like(param))
         # Peaked output distributions, so the mixture is far from the mean embedding row.
         model.get_output_embeddings().weight.mul_(8.0)
         model.get_input_embeddings().weight.mul_(4.0)

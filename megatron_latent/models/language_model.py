@@ -231,7 +231,10 @@ class PythiaModel(LanguageModule):
         hidden = self.run_decoder(hidden, seq_length, attention_mask, inference_context)
         if not self.post_process:
             return hidden
-        logits = self.output_logits(hidden)
+        return self.logits_or_loss(self.output_logits(hidden), labels)
+
+    def logits_or_loss(self, logits: Tensor, labels: Tensor | None) -> Tensor:
+        """[s, b, V/tp] logits -> [b, s, V/tp] logits, or the per-token loss [b, s]."""
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)

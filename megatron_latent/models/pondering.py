@@ -322,9 +322,7 @@ class PonderingPythiaModel(PythiaModel):
         if decoder_input is not None:
             raise ValueError("the pondering model embeds its own tokens; decoder_input is not used")
         logits = self.ponder_logits(input_ids, attention_mask, inference_context)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        return self.compute_language_model_loss(labels, logits)
+        return self.logits_or_loss(logits, labels)
 
 
 def build_pondering_model(
