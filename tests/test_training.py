@@ -340,7 +340,12 @@ def test_wandb_offline_run_records_the_metrics(single_process_parallel, corpus, 
                        "--wandb-save-dir", str(tmp_path)))
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    # wandb's service process may still be writing the run file when finish() returns.
+    deadline = time.time() + 60
     content = runs[0].read_bytes()
+    while b"validation/lm_loss" not in content and time.time() < deadline:
+        time.sleep(0.5)
+        content = runs[0].read_bytes()
     assert b"train/lm_loss" in content and b"validation/lm_loss" in content
 
 
