@@ -66,6 +66,21 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(single_process_parallel
     assert trainer.state.consumed_train_samples == 64
 
 
+def test_resume_with_dropout_reproduces_the_uninterrupted_run(single_process_parallel, corpus,
+                                                                tmp_path):
+    """Dropout draws from the restored RNG: nothing created after the restore (data loaders,
+    validation loaders) may draw from it first, or the resumed run takes other masks."""
+    dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--eval-interval", "2"]
+    full, _ = run_training(flags(corpus, "--train-iters", "6", *dropout))
+    run_training(flags(corpus, "--train-iters", "6", "--exit-interval", "3",
+                       "--save", str(tmp_path / "ckpt"), *dropout))
+    resumed, _ = run_training(flags(corpus, "--train-iters", "6", "--load",
+                                    str(tmp_path / "ckpt"), *dropout))
+    no_dropout, _ = run_training(flags(corpus, "--train-iters", "6", "--eval-interval", "2"))
+    assert losses(no_dropout) != losses(full)  # dropout is really on
+    assert losses(resumed) == losses(full)[3:]  # bit for bit
+
+
 def test_resume_with_other_accumulation_boundaries(single_process_parallel, corpus, tmp_path):
     """Resuming with another micro-batch size re-cuts each global batch into a different
     number of accumulation steps; the global batch and its mean loss stay the same."""

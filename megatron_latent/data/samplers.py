@@ -91,12 +91,15 @@ def build_pretraining_data_loader(
     drop_last: bool = True,
     pin_memory: bool = False,
     collate_fn: Callable | None = None,
+    seed: int = 0,
 ) -> torch.utils.data.DataLoader | None:
     """A DataLoader over this rank's micro-batches, starting after ``consumed_samples``.
 
     Returns None when ``dataset`` is None (a split that was not built). Samples are the
     datasets' dicts (``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ...) stacked by
-    the default collate.
+    the default collate. The loader draws its worker seeds from its own generator (seeded
+    with ``seed``), never from the global RNG: creating or re-creating a loader (at start-up,
+    after a resume, for every evaluation) must not shift the random stream that dropout uses.
     """
     if dataset is None:
         return None
@@ -115,4 +118,5 @@ def build_pretraining_data_loader(
         pin_memory=pin_memory,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -124,6 +124,7 @@ def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         num_workers=run.training.num_workers,
+        seed=run.training.seed,
     )
     return RunData(train_loader=loader, valid_sets=valid_sets)
 
@@ -137,6 +138,7 @@ def valid_batches(run: RunConfig, dataset) -> list[dict[str, torch.Tensor]]:
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         num_workers=0,
+        seed=run.training.seed,
     )
     per_rank = (run.evaluation.eval_iters * run.training.global_batch_size
                 // (run.training.micro_batch_size

@@ -74,6 +74,19 @@ def test_dp2_and_tp2_train_alike_and_resume_exactly(use_parallel, corpus, shared
     assert losses(first) + losses(resumed) == losses(data_parallel)  # bit for bit
 
 
+def test_dp2_resume_with_dropout_is_exact(use_parallel, corpus, shared_dir):
+    """Each data-parallel rank draws its own dropout masks; a resume restores every rank's
+    generator and nothing draws from it before training continues."""
+    dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--eval-interval", "2"]
+    full, trainer = run_training(flags(corpus, "--train-iters", "6", *dropout))
+    assert trainer.dp_size == 2
+    ckpt = str(shared_dir / "ckpt_dp2_dropout")
+    run_training(flags(corpus, "--train-iters", "6", "--exit-interval", "3", "--save", ckpt,
+                       *dropout))
+    resumed, _ = run_training(flags(corpus, "--train-iters", "6", "--load", ckpt, *dropout))
+    assert losses(resumed) == losses(full)[3:]  # bit for bit
+
+
 def test_tp1_checkpoint_recut_for_tp2(use_parallel, corpus, shared_dir):
     ckpt = str(shared_dir / "ckpt_tp1")
     _, source = run_training(flags(corpus, "--train-iters", "2", "--save", ckpt))
