@@ -6,7 +6,8 @@ import torch
 
 
 def make_gpt_neox(vocab_size: int = 256, layers: int = 2, hidden: int = 64, heads: int = 4,
-                  seed: int = 0, max_positions: int = 128):
+                  seed: int = 0, max_positions: int = 128,
+                  rotary_base: int = 10000):
     """A float32 GPTNeoXForCausalLM with Pythia's architecture and perturbed norms/biases,
     so the mapping of every one of them matters."""
     import transformers
@@ -16,6 +17,7 @@ def make_gpt_neox(vocab_size: int = 256, layers: int = 2, hidden: int = 64, head
         num_attention_heads=heads, intermediate_size=4 * hidden, rotary_pct=0.25,
         max_position_embeddings=max_positions, use_parallel_residual=True,
         tie_word_embeddings=False, hidden_act="gelu", attention_dropout=0.0, hidden_dropout=0.0,
+        rotary_emb_base=rotary_base,
     )
     torch.manual_seed(seed)
     model = transformers.GPTNeoXForCausalLM(config).float()

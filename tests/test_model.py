@@ -49,7 +49,23 @@ def test_logits_match_hugging_face(single_process_parallel, vocab_size):
         reference = hf_model(ids).logits
         logits = model(ids)
     assert logits.shape == (3, 40, 256)
-    assert (logits[..., :vocab_size] - reference).abs().max().item() <= 1e-4
+    assert (logits[..., :vocab_size] - reference).abs().max().item() <= 1e-5
+
+
+def test_logits_match_hugging_face_at_pythia_head_size_and_a_custom_rotary_base(
+        single_process_parallel):
+    """Head dim 64 (Pythia's), 192 positions and rotary base 5e5: the rotary frequencies, their
+    partial application and the base all have to be right to agree within 1e-5 (a base of
+    1e4 instead of 5e5 moves these logits by ~6e-3)."""
+    hf_model = make_gpt_neox(vocab_size=512, layers=2, hidden=256, heads=4, seed=3,
+                             max_positions=256, rotary_base=500000).eval()
+    config, model = load_from_hf(hf_model)
+    assert (config.head_dim, config.rotary_dim, config.rotary_base) == (64, 16, 500000)
+    ids = torch.randint(0, 512, (2, 192), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = hf_model(ids).logits
+        logits = model(ids)
+    assert (logits - reference).abs().max().item() <= 1e-5
 
 
 def test_loss_and_gradients_match_hugging_face(single_process_parallel):
