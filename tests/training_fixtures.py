@@ -16,7 +16,7 @@ TINY_FLAGS = [
 
 
 def write_token_dataset(prefix: str, num_documents: int = 64, vocab_size: int = TINY_VOCAB,
-                        seed: int = 0) -> str:
+                        seed: int = 0, lengths: tuple[int, int] = (20, 120)) -> str:
     """A Megatron .bin/.idx document dataset of random token documents (eod = vocab - 1)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -24,7 +24,7 @@ def write_token_dataset(prefix: str, num_documents: int = 64, vocab_size: int = 
     rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for _ in range(num_documents):
-        length = int(rng.integers(20, 120))
+        length = int(rng.integers(*lengths))
         # Markov-ish tokens so there is something to learn.
         tokens = np.cumsum(rng.integers(1, 4, size=length)) % (vocab_size - 1)
         tokens = np.append(tokens, vocab_size - 1).astype(np.int64)

@@ -180,15 +180,24 @@ class PythiaModel(LanguageModule):
         return self.embedding.word_embeddings.weight
 
     def run_decoder(self, hidden_states: Tensor, seq_length: int,
-                    attention_mask: Tensor | None = None, inference_context=None) -> Tensor:
-        """Run the layer stack (and final LN on the last stage) on [s(/tp), b, h] inputs."""
+                    attention_mask: Tensor | None = None, inference_context=None,
+                    position_ids: Tensor | None = None) -> Tensor:
+        """Run the layer stack (and final LN on the last stage) on [s(/tp), b, h] inputs.
+
+        Rotary positions are 0..s-1 unless `position_ids` [b, s] gives them (training on
+        packed documents whose positions restart at each document)."""
+        if position_ids is not None and inference_context is not None:
+            raise ValueError("position_ids are not supported with a KV cache")
         if inference_context is not None:
             rotary_len = inference_context.max_sequence_length
         else:
             rotary_len = seq_length
         device = (hidden_states.device if hidden_states is not None
                   else self.decoder.input_tensor.device)
-        rotary = self.rotary_pos_emb(rotary_len, device=device)
+        if position_ids is not None:
+            rotary = self.rotary_pos_emb.for_positions(position_ids.to(device))
+        else:
+            rotary = self.rotary_pos_emb(rotary_len, device=device)
         return self.decoder(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
@@ -214,8 +223,8 @@ class PythiaModel(LanguageModule):
         """Logits [b, s, V/tp] without labels; per-token loss [b, s] with labels.
 
         On a pipeline stage that is not the last, returns the hidden states for the next.
-        `position_ids` is accepted for interface compatibility; rotary positions are 0..s-1
-        (offset by the KV cache during generation).
+        Rotary positions are `position_ids` [b, s] when given, else 0..s-1 (offset by the KV
+        cache during generation).
         """
         seq_length = input_ids.shape[1] if input_ids is not None else None
         if decoder_input is not None:
@@ -228,7 +237,8 @@ class PythiaModel(LanguageModule):
             seq_length = hidden.shape[0] * (
                 self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
             )
-        hidden = self.run_decoder(hidden, seq_length, attention_mask, inference_context)
+        hidden = self.run_decoder(hidden, seq_length, attention_mask, inference_context,
+                                  position_ids)
         if not self.post_process:
             return hidden
         return self.logits_or_loss(self.output_logits(hidden), labels)

@@ -51,6 +51,13 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = torch.outer(positions, inv_freq)
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
+    def for_positions(self, position_ids: Tensor) -> Tensor:
+        """Frequencies for explicit positions [b, s] (documents packed into one sequence with
+        positions restarting at each document, `--reset-position-ids`): [s, b, 1, dim]."""
+        inv_freq = self.inv_freq(position_ids.device)
+        freqs = position_ids.t().to(torch.float32)[..., None] * inv_freq
+        return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+
 
 class LayerNorm(torch.nn.LayerNorm):
     """LayerNorm with bias whose parameters know when they live in a sequence-parallel region.

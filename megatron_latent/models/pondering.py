@@ -285,7 +285,8 @@ class PonderingPythiaModel(PythiaModel):
         return inference_context.passes
 
     def ponder_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                      inference_context: PonderingInferenceContext | None = None) -> Tensor:
+                      inference_context: PonderingInferenceContext | None = None,
+                      position_ids: Tensor | None = None) -> Tensor:
         """Run all k + 1 passes; the final pass's logits [s, b, V/tp]."""
         options = self.pondering
         contexts = self._pass_contexts(inference_context)
@@ -298,14 +299,15 @@ class PonderingPythiaModel(PythiaModel):
             embeds = embeds * options.steps
         table = self.input_embedding_weight()
         for step in range(options.steps):
-            hidden = self.run_decoder(embeds, seq_length, attention_mask, contexts[step])
+            hidden = self.run_decoder(embeds, seq_length, attention_mask, contexts[step],
+                                      position_ids)
             logits = self.output_logits(hidden)
             mixed = mix_input_embeddings(
                 logits, table, options.top_k, self.config.sequence_parallel, self.tp_group
             )
             # P · (sqrt(h) W_in) computed as sqrt(h) (P · W_in): a [s, b, h] scale, not [V, h].
             embeds = embeds + (mixed * scale if options.scale_embeds else mixed)
-        hidden = self.run_decoder(embeds, seq_length, attention_mask, contexts[-1])
+        hidden = self.run_decoder(embeds, seq_length, attention_mask, contexts[-1], position_ids)
         return self.output_logits(hidden)
 
     def forward(
@@ -321,7 +323,7 @@ class PonderingPythiaModel(PythiaModel):
         (cross-entropy on the final pass only)."""
         if decoder_input is not None:
             raise ValueError("the pondering model embeds its own tokens; decoder_input is not used")
-        logits = self.ponder_logits(input_ids, attention_mask, inference_context)
+        logits = self.ponder_logits(input_ids, attention_mask, inference_context, position_ids)
         return self.logits_or_loss(logits, labels)
 
 

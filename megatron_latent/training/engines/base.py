@@ -55,14 +55,20 @@ def split_model_output(output: Any) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device,
-                 use_attention_mask: bool) -> dict[str, Tensor]:
-    """Keyword arguments for a model call from a megatron GPTDataset micro-batch."""
+                 use_attention_mask: bool, use_position_ids: bool = False) -> dict[str, Tensor]:
+    """Keyword arguments for a model call from a megatron GPTDataset micro-batch: the
+    document-resetting attention mask (--reset-attention-mask) and positions
+    (--reset-position-ids) are passed only when asked for."""
     inputs = {
         "input_ids": batch["tokens"].to(device, non_blocking=True),
         "labels": batch["labels"].to(device, non_blocking=True),
     }
-    if use_attention_mask and "attention_mask" in batch:
+    if use_attention_mask:
+        if "attention_mask" not in batch:
+            raise ValueError("--reset-attention-mask: the batch carries no attention_mask")
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
+    if use_position_ids:
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
     return inputs
 
 
@@ -113,6 +119,11 @@ class Engine(ABC):
 
     @abstractmethod
     def load_optimizer_state(self, state: dict[str, Any], directory: str) -> None: ...
+
+    def batch_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Model keyword arguments for one micro-batch, as the run's data flags ask."""
+        return model_inputs(batch, self.device, self.run.data.reset_attention_mask,
+                            self.run.data.reset_position_ids)
 
     def after_weights_loaded_without_optimizer(self) -> None:
         """Refresh optimizer-held copies of the weights (fp32 main params) after a load that

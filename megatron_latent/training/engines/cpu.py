@@ -30,7 +30,6 @@ from .base import (
     EvalResult,
     NonFiniteLossError,
     StepResult,
-    model_inputs,
     split_model_output,
 )
 
@@ -126,7 +125,6 @@ class CPUEngine(Engine):
     # -- the step ----------------------------------------------------------------------
     def train_step(self, microbatches: list[dict[str, Tensor]]) -> StepResult:
         self.wrapped.train()
-        use_mask = self.run.data.reset_attention_mask
         local_tokens = sum(batch["loss_mask"].sum() for batch in microbatches).double()
         global_tokens = self._all_reduce_dp(local_tokens.reshape(1)).item()
         if global_tokens <= 0:
@@ -138,7 +136,7 @@ class CPUEngine(Engine):
         for index, batch in enumerate(microbatches):
             sync = self.dp_size > 1 and index < count - 1
             with (self.wrapped.no_sync() if sync else nullcontext()), self._autocast():
-                output = self.wrapped(**model_inputs(batch, self.device, use_mask))
+                output = self.wrapped(**self.batch_inputs(batch))
                 per_token, aux = split_model_output(output)
                 mask = batch["loss_mask"].to(per_token.device, torch.float32)
                 lm_sum = (per_token.float() * mask).sum()
@@ -176,12 +174,11 @@ class CPUEngine(Engine):
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict[str, Tensor]]) -> EvalResult:
         self.model.eval()
-        use_mask = self.run.data.reset_attention_mask
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for batch in microbatches:
             with self._autocast():
                 per_token, _ = split_model_output(
-                    self.model(**model_inputs(batch, self.device, use_mask))
+                    self.model(**self.batch_inputs(batch))
                 )
             mask = batch["loss_mask"].to(torch.float32)
             loss_sum[0] += (per_token.float() * mask).sum().double()

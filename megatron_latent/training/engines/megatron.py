@@ -35,7 +35,6 @@ from .base import (
     EvalResult,
     NonFiniteLossError,
     StepResult,
-    model_inputs,
     split_model_output,
 )
 
@@ -124,7 +123,7 @@ class MegatronEngine(Engine):
     # -- schedule callbacks ------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        inputs = model_inputs(batch, self.device, self.run.data.reset_attention_mask)
+        inputs = self.batch_inputs(batch)
         output = model(**inputs)
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
         return output, partial(self._loss, loss_mask)
