@@ -111,3 +111,30 @@ def test_pondering_tp2_equals_tp1(use_parallel, name, top_k, sequence_parallel):
         torch.testing.assert_close(grads2[key], grads1[key], atol=1e-5, rtol=1e-4, msg=key)
     if monitor is not None:
         assert not monitor.offenders, monitor.offenders[:5]
+
+
+@pytest.mark.parametrize("top_k", [0, 20])
+@pytest.mark.parametrize("shift", [0.0, 200.0])
+def test_mixing_of_large_logits_is_finite_and_equal_across_tp(use_parallel, top_k, shift):
+    """Trained logits can sit far from 0 (e.g. +200): the softmax must subtract the global
+    max (a sum of the ranks' maxima, or no shift at all, overflows or underflows to NaN).
+    TP=1 and TP=2 both equal softmax(logits) @ W_in computed here in float64."""
+    from megatron_latent.models.pondering import mix_input_embeddings
+
+    generator = torch.Generator().manual_seed(5)
+    logits = 4.0 * torch.randn(6, 2, FULL_VOCAB, generator=generator) + shift
+    table = torch.randn(FULL_VOCAB, 16, generator=generator)
+    probabilities = torch.softmax(logits.double(), dim=-1)
+    if top_k:
+        kept = probabilities.topk(top_k, dim=-1)
+        probabilities = torch.zeros_like(probabilities).scatter(-1, kept.indices, kept.values)
+        probabilities = probabilities / probabilities.sum(-1, keepdim=True)
+    expected = (probabilities @ table.double()).float()
+    for tp in (1, 2):
+        use_parallel(tp)
+        rows = FULL_VOCAB // tp
+        start = tp_rank() * rows
+        mixed = mix_input_embeddings(logits[..., start:start + rows].contiguous(),
+                                     table[start:start + rows], top_k=top_k, group=tp_group())
+        assert torch.isfinite(mixed).all(), f"TP={tp}"
+        torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-4, msg=f"TP={tp}")
