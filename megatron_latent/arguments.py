@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = parser.add_argument_group("learning rate and optimizer").add_argument
     add("--lr", type=float)
-    add("--min-lr", type=float)
+    add("--min-lr", type=float,
+        help="floor of the LR decay; default: the preset's fraction of --lr (Pythia: 10%%)")
     add("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"])
     add("--lr-decay-iters", type=int)
     add("--lr-decay-samples", type=int)
@@ -210,9 +211,15 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     default_opt = OptimizerSettings()
     warmup_given = any(v is not None for v in (args.lr_warmup_fraction, args.lr_warmup_iters,
                                                args.lr_warmup_samples))
+    lr = _pick(args.lr, r("lr"), default_opt.lr)
+    if args.min_lr is not None:
+        min_lr = args.min_lr
+    else:  # keep the recipe's floor as a fraction of the peak (Pythia: 10%)
+        base_lr = r("lr") or default_opt.lr
+        min_lr = float(f"{lr * (r('min_lr') if recipe else default_opt.min_lr) / base_lr:.12g}")
     optimizer = OptimizerSettings(
-        lr=_pick(args.lr, r("lr"), default_opt.lr),
-        min_lr=_pick(args.min_lr, r("min_lr"), default_opt.min_lr),
+        lr=lr,
+        min_lr=min_lr,
         lr_decay_style=_pick(args.lr_decay_style, r("lr_decay_style"), default_opt.lr_decay_style),
         lr_warmup_fraction=(args.lr_warmup_fraction if warmup_given
                             else _pick(None, r("lr_warmup_fraction"), 0.01)),

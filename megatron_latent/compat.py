@@ -9,6 +9,9 @@ gloo carries the collectives. On a machine with CUDA nothing is changed.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 
 _MARK = "_megatron_latent_cpu_device"
@@ -27,3 +30,30 @@ def route_cuda_device_queries_to_cpu() -> bool:
     setattr(current_device, _MARK, True)
     torch.cuda.current_device = current_device
     return True
+
+
+#: megatron-core announces at import time that optional CUDA libraries are absent, once per
+#: module; on a CPU machine (and wherever the engine line says which backend runs) that is
+#: expected, so exactly these notices are dropped and every other warning is kept.
+_EXPECTED_NOTICES = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "Transformer Engine is not installed",
+)
+
+
+class _DropMockCacheNotice(logging.Filter):
+    """--mock-data builds its indices in memory; megatron-core logs that it cannot cache them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unable to save MockGPTDataset indexes" not in record.getMessage()
+
+
+def quiet_expected_notices() -> None:
+    """Silence megatron-core's start-up notices about absent optional libraries (apex,
+    transformer-engine) and the mock-data cache notice; nothing else is filtered."""
+    for notice in _EXPECTED_NOTICES:
+        warnings.filterwarnings("ignore", message=notice, category=UserWarning)
+    dataset_logger = logging.getLogger("megatron.core.datasets.gpt_dataset")
+    if not any(isinstance(f, _DropMockCacheNotice) for f in dataset_logger.filters):
+        dataset_logger.addFilter(_DropMockCacheNotice())

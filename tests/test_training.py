@@ -248,6 +248,13 @@ def test_nan_loss_is_skipped_and_counted(single_process_parallel, corpus, monkey
         (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible"),
         (["--pipeline-model-parallel-size", "2"], "world size 1 is not divisible"),
         (["--fp16"], "--fp16 needs CUDA"),
+        (["--lr", "-1"], "--lr must be positive, got -1.0"),
+        (["--min-lr", "-0.001"], "--min-lr must be >= 0"),
+        (["--adam-beta2", "1.0"], r"--adam-beta2 must be in \[0, 1\)"),
+        (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
+        (["--eval-iters", "-2"], "--eval-iters must be >= 0"),
+        (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+        (["--train-iters", "0"], "--train-iters must be >= 1"),
     ],
 )
 def test_bad_flags_fail_before_any_model(single_process_parallel, corpus, extra, message,
@@ -258,6 +265,46 @@ def test_bad_flags_fail_before_any_model(single_process_parallel, corpus, extra,
                         lambda *a, **k: pytest.fail("engine built for invalid flags"))
     with pytest.raises(ConfigError, match=message):
         run_training(flags(corpus, "--train-iters", "2", "--micro-batch-size", "4", *extra))
+
+
+def test_dry_run_refuses_what_the_run_refuses(corpus, capsys):
+    """--dry-run goes through the same checks as a real run (and builds nothing)."""
+    sys.path.insert(0, str(ROOT))
+    import pretrain
+
+    for extra, message in ((["--global-batch-size", "6"], "not divisible by --micro-batch-size 4"),
+                           (["--lr", "-1"], "--lr must be positive")):
+        code = pretrain.main(flags(corpus, "--train-iters", "2", "--micro-batch-size", "4",
+                                   "--dry-run", *extra))
+        assert code == 2 and message in capsys.readouterr().err
+    assert pretrain.main(flags(corpus, "--train-iters", "2", "--dry-run")) == 0
+    assert "FLOPs per token" in capsys.readouterr().out
+
+
+def test_min_lr_follows_an_explicit_lr_at_the_presets_ratio():
+    from megatron_latent.arguments import parse_run_config
+    from megatron_latent.config import get_preset
+
+    recipe = get_preset("tiny").recipe
+    run, _ = parse_run_config(["--model", "tiny", "--mock-data", "--lr", "1e-4"])
+    assert run.optimizer.min_lr == pytest.approx(1e-4 * recipe.min_lr / recipe.lr, rel=1e-9)
+    run, _ = parse_run_config(["--model", "tiny", "--mock-data", "--lr", "1e-4",
+                               "--min-lr", "0"])
+    assert run.optimizer.min_lr == 0.0
+    run, _ = parse_run_config(["--model", "tiny", "--mock-data"])
+    assert (run.optimizer.lr, run.optimizer.min_lr) == (recipe.lr, recipe.min_lr)
+
+
+def test_tracker_naming_a_missing_iteration_is_one_clear_error(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"),
+                             *flags(corpus, "--train-iters", "2", "--load", str(ckpt))],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "names iteration 7, but" in result.stderr and "iter_0000007" in result.stderr
 
 
 def test_pipeline_parallel_on_cpu_is_refused():

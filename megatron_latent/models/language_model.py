@@ -96,6 +96,7 @@ def build_transformer_config(model: ModelConfig, runtime: RuntimeOptions) -> Tra
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=runtime.recompute_num_layers if recompute == "full" else None,
+        cuda_graph_scope=[],  # the whole layer (megatron-core's current spelling of "full")
     )
 
 

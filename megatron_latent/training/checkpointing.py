@@ -81,9 +81,16 @@ def read_checkpoint_config(root: str, iteration: int | None = None) -> dict[str,
     iteration = read_tracker(root) if iteration is None else iteration
     if iteration is None:
         return None
-    path = os.path.join(iteration_dir(root, iteration), CONFIG_FILE)
+    directory = iteration_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise ConfigError(
+            f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration}, but {directory} "
+            "does not exist (deleted or not copied?); point the tracker at an existing "
+            "iter_* directory")
+    path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {iteration_dir(root, iteration)} has no {CONFIG_FILE}")
+        raise ConfigError(f"checkpoint {directory} has no {CONFIG_FILE} (not written by this "
+                          "project, or an incomplete copy)")
     with open(path) as handle:
         return json.load(handle)
 

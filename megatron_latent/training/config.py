@@ -33,6 +33,33 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
 
+    def validate(self) -> None:
+        """Raise ConfigError naming the first flag whose value cannot train."""
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not self.min_lr >= 0:
+            raise ConfigError(f"--min-lr must be >= 0, got {self.min_lr}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for flag, beta in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"{flag} must be in [0, 1), got {beta}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"--adam-eps must be positive, got {self.adam_eps}")
+        if not self.clip_grad >= 0:
+            raise ConfigError(f"--clip-grad must be >= 0 (0 = no clipping), got {self.clip_grad}")
+        if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction < 1:
+            raise ConfigError(
+                f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
+        for flag, value in (("--lr-warmup-iters", self.lr_warmup_iters),
+                            ("--lr-warmup-samples", self.lr_warmup_samples),
+                            ("--lr-decay-iters", self.lr_decay_iters),
+                            ("--lr-decay-samples", self.lr_decay_samples)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must be >= 0, got {value}")
+
 
 @dataclass
 class TrainingSettings:
@@ -75,6 +102,26 @@ class TrainingSettings:
             return math.ceil(self.train_samples / self.global_batch_size)
         raise ConfigError("one of --train-iters or --train-samples is required")
 
+    def validate(self) -> None:
+        """Raise ConfigError naming the first flag whose value cannot train."""
+        for flag, value in (("--micro-batch-size", self.micro_batch_size),
+                            ("--global-batch-size", self.global_batch_size),
+                            ("--train-iters", self.train_iters),
+                            ("--train-samples", self.train_samples),
+                            ("--exit-interval", self.exit_interval),
+                            ("--recompute-num-layers", self.recompute_num_layers)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ConfigError(
+                f"--exit-duration-in-mins must be positive, got {self.exit_duration_in_mins}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 exclude each other")
+
 
 @dataclass
 class CheckpointSettings:
@@ -92,6 +139,12 @@ class CheckpointSettings:
 class EvalSettings:
     eval_interval: int | None = 1000
     eval_iters: int = 10
+
+    def validate(self) -> None:
+        if self.eval_iters < 0:
+            raise ConfigError(f"--eval-iters must be >= 0, got {self.eval_iters}")
+        if self.eval_interval is not None and self.eval_interval < 1:
+            raise ConfigError(f"--eval-interval must be >= 1, got {self.eval_interval}")
 
 
 @dataclass

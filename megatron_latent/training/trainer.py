@@ -74,6 +74,9 @@ def training_flops_per_token(run: RunConfig, spec: MethodSpec, options: Any) -> 
 
 def validate_run(run: RunConfig, spec: MethodSpec, world_size: int, device: torch.device) -> None:
     """Every check that needs no model: raises ConfigError naming the flag or path."""
+    run.training.validate()
+    run.optimizer.validate()
+    run.evaluation.validate()
     run.parallel.validate(world_size)
     dp = run.parallel.data_parallel_size(world_size)
     run.training.num_microbatches(dp)
@@ -147,8 +150,6 @@ def schedule_samples(run: RunConfig, total_iters: int) -> tuple[int, int]:
     if warmup >= decay:
         raise ConfigError(f"LR warmup ({warmup} samples) must be shorter than LR decay "
                           f"({decay} samples): check --lr-warmup-* against --train-iters")
-    if opt.min_lr > opt.lr:
-        raise ConfigError(f"--min-lr {opt.min_lr} is larger than --lr {opt.lr}")
     return warmup, decay
 
 
@@ -199,12 +200,16 @@ class Trainer:
         self.options = method_options(run)
 
     def dry_run(self) -> str:
-        """The resolved configuration, parameter and FLOP counts, without touching devices."""
+        """The resolved configuration, parameter and FLOP counts, without touching devices;
+        refuses exactly what the real run would refuse before building a model."""
         run = self.run
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        validate_run(run, self.spec, world_size, select_device(run))
         if run.tokenizer.tokenizer_type:
             run.model.vocab_size = build_run_tokenizer(run).vocab_size
         tp = run.parallel.tensor_model_parallel_size
         run.model.validate(tp)
+        check_vocab_against_checkpoint(run)
         counts = count_parameters(run.model, tp)
         vanilla = forward_flops_per_token(run.model, run.model.seq_length, tp).forward
         method_forward = self.spec.forward_flops_per_token(
