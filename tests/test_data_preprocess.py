@@ -110,11 +110,14 @@ def test_output_does_not_depend_on_workers_or_partitions(tmp_path):
         _run(data, tmp_path / name, workers=workers, partitions=partitions, append_eod=True)
         outputs.append(read_bytes(str(tmp_path / f"{name}_text_document")))
     assert outputs[0] == outputs[1] == outputs[2]
+    sidecars = [(tmp_path / f"{name}_text_document.tokenizer.json").read_bytes()
+                for name in "abc"]  # fmt: skip
+    assert sidecars[0] == sidecars[1] == sidecars[2]
     # Partition files are merged and removed.
     assert sorted(os.listdir(tmp_path)) == [
-        "a_text_document.bin", "a_text_document.idx",
-        "b_text_document.bin", "b_text_document.idx",
-        "c_text_document.bin", "c_text_document.idx",
+        "a_text_document.bin", "a_text_document.idx", "a_text_document.tokenizer.json",
+        "b_text_document.bin", "b_text_document.idx", "b_text_document.tokenizer.json",
+        "c_text_document.bin", "c_text_document.idx", "c_text_document.tokenizer.json",
         "in.jsonl",
     ]  # fmt: skip
 

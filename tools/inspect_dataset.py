@@ -14,8 +14,10 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 EPILOG = """\
 prints:
-  token dtype, documents, sequences, tokens; a histogram of document lengths (and of
-  sentence lengths for a sentence-level dataset, one made with --split-sentences);
+  token dtype, the tokenizer named by the dataset's {prefix}.tokenizer.json (with a warning
+  when the tokenizer flags name another one), documents, sequences, tokens; a histogram of
+  document lengths (and of sentence lengths for a sentence-level dataset, one made with
+  --split-sentences);
   with --document N, document N decoded (token ids without tokenizer flags), and for a
   sentence-level dataset one numbered line per sentence, quoted so that the whitespace at
   every sentence boundary shows.
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         render_document,
         summarize,
     )
+    from megatron_latent.data.indexed import sidecar_path
+    from megatron_latent.data.provenance import tokenizer_fingerprint
     from megatron_latent.data.tokenizer_args import tokenizer_from_args
 
     prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
@@ -60,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dataset:   {prefix}")
         print(f"level:     {level}")
         print(f"dtype:     {summary.dtype}")
+        if summary.tokenizer is None:
+            print(f"tokenizer: unknown (no {sidecar_path(prefix)})")
+        else:
+            print(f"tokenizer: {summary.tokenizer.describe()}")
+            if tokenizer is not None:
+                differences = summary.tokenizer.differences(tokenizer_fingerprint(tokenizer))
+                if differences:
+                    print("warning: the dataset was made with another tokenizer than the one "
+                          f"given: {'; '.join(differences)}", file=sys.stderr)
         print(f"documents: {summary.documents}")
         print(f"sequences: {summary.sequences}")
         print(f"tokens:    {summary.tokens}")

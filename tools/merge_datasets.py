@@ -16,11 +16,13 @@ EPILOG = """\
 inputs:
   Each --input is a directory (every complete .bin/.idx pair in it, sorted by name, as
   Megatron-LM's tool reads it) or a dataset prefix; they are merged in the order given.
-  All inputs must store tokens in the same dtype (same tokenizer vocabulary size).
+  All inputs must store tokens in the same dtype (same tokenizer vocabulary size), and inputs
+  with a tokenizer sidecar ({prefix}.tokenizer.json) must name the same tokenizer.
 
 output:
-  {output_prefix}.bin and .idx, written as *.incomplete and renamed when complete. An output
-  that sits in an input directory is left out of the inputs.
+  {output_prefix}.bin and .idx, written as *.incomplete and renamed when complete, with the
+  inputs' tokenizer sidecar when every input has one (Megatron-LM's datasets have none). An
+  output that sits in an input directory is left out of the inputs.
 
 example:
   python tools/merge_datasets.py --input data/shards --output-prefix data/all_text_document
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"Wrote {args.output_prefix}.bin/.idx: {counts['datasets']} datasets, "
-        f"{counts['documents']} documents, {counts['sequences']} sequences"
+        f"{counts['documents']} documents, {counts['sequences']} sequences; "
+        f"{counts['tokenizer']}"
     )
     return 0
 

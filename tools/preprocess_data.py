@@ -28,6 +28,9 @@ output:
   --split-sentences (Megatron-LM's names). Files are written as *.incomplete and renamed when
   done, so an interrupted run never leaves a pair that looks finished. Documents keep their
   input order: the bytes are the same for any --workers / --partitions.
+  Next to each dataset, {prefix}.tokenizer.json names the tokenizer (type, files, vocabulary
+  size, end-of-document id, SHA-256 of the vocabulary); training refuses a dataset whose
+  tokenizer is not the run's.
 
 sentences (--split-sentences):
   Each document becomes one sequence per sentence (pysbd, no download). Unlike Megatron-LM,
@@ -150,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: no output was written", file=sys.stderr)
         return 130
     print(f"Done: {stats.summary()}", file=sys.stderr)
+    from megatron_latent.data.indexed import sidecar_path
+
     for prefix in stats.outputs:
-        print(f"Wrote {prefix}.bin and {prefix}.idx")
+        print(f"Wrote {prefix}.bin, {prefix}.idx and {sidecar_path(prefix)}")
     return 0
 
 

@@ -14,6 +14,11 @@ from megatron_latent.data.indexed import (
     find_dataset_prefixes,
     read_index_header,
 )
+from megatron_latent.data.provenance import (
+    TokenizerFingerprint,
+    merged_tokenizer,
+    read_dataset_tokenizer,
+)
 
 
 def resolve_dataset_inputs(inputs: Sequence[str], exclude: str | None = None) -> list[str]:
@@ -36,17 +41,21 @@ def resolve_dataset_inputs(inputs: Sequence[str], exclude: str | None = None) ->
     return prefixes
 
 
-def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> dict[str, int]:
+def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> dict[str, int | str]:
     """Concatenate datasets in order into ``output_prefix`` (written atomically).
 
-    All inputs must store tokens in the same dtype. Returns document/sequence counts.
+    All inputs must store tokens in the same dtype, and those with a tokenizer sidecar must
+    name the same tokenizer; the output gets that sidecar when every input has one. Returns
+    document/sequence counts and ``tokenizer``, a note on the sidecar.
     """
     headers = [read_index_header(p) for p in prefixes]
     dtypes = {h.dtype_code for h in headers}
     if len(dtypes) > 1:
         listing = ", ".join(f"{h.prefix} ({numpy.dtype(h.dtype).name})" for h in headers)
         raise DatasetPathError(f"datasets store tokens in different dtypes: {listing}")
-    with AtomicIndexedDatasetWriter(output_prefix, headers[0].dtype) as writer:
+    tokenizer, note = merged_tokenizer(prefixes)
+    sidecar = tokenizer.to_json() if tokenizer is not None else None
+    with AtomicIndexedDatasetWriter(output_prefix, headers[0].dtype, sidecar) as writer:
         for prefix in prefixes:
             writer.add_index(prefix)
         writer.commit()
@@ -54,6 +63,7 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> dict[str, int
         "datasets": len(headers),
         "documents": sum(h.num_documents for h in headers),
         "sequences": sum(h.sequence_count for h in headers),
+        "tokenizer": note,
     }
 
 
@@ -68,6 +78,7 @@ class DatasetSummary:
     tokens: int
     document_lengths: numpy.ndarray  # tokens per document
     sequence_lengths: numpy.ndarray  # tokens per sequence
+    tokenizer: TokenizerFingerprint | None = None  # from the sidecar, when there is one
 
     @property
     def is_sentence_level(self) -> bool:
@@ -92,6 +103,7 @@ def summarize(prefix: str) -> DatasetSummary:
         tokens=int(seq_lengths.sum()),
         document_lengths=doc_lengths,
         sequence_lengths=seq_lengths,
+        tokenizer=read_dataset_tokenizer(prefix),
     )
 
 

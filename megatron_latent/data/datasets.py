@@ -3,7 +3,12 @@
 ``build_gpt_datasets`` is what the trainer calls: it turns a ``DataConfig`` (Megatron-LM's data
 flags as a dataclass) into megatron-core ``GPTDataset`` / ``BlendedDataset`` objects built by
 ``BlendedMegatronDatasetBuilder``, or ``MockGPTDataset`` with ``mock_data``. Every data path is
-checked (files present, readable, a real index, document-level) before any index is built.
+checked (files present, readable, sizes that agree with the index, document-level, made with
+the given tokenizer: see ``provenance.py``) before any index is built.
+
+megatron-core caches each dataset's sample indices under a hash of its path and settings;
+``GPTDataset`` here adds the size and modification time of the ``.bin/.idx`` to that hash, so
+a dataset regenerated at the same path gets fresh indices while an unchanged one reuses them.
 
 megatron-core builds on global rank 0 first and on the other ranks after a barrier when
 ``torch.distributed`` is initialized (the others then read rank 0's cached indices), and simply
@@ -13,11 +18,16 @@ builds when it is not; both work here. ``is_built_on_rank`` decides which ranks 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from megatron_latent.data.indexed import DatasetPathError, read_index_header
+from megatron.core.datasets import gpt_dataset
+
+from megatron_latent.data.indexed import DatasetPathError, data_files_key, read_index_header
+from megatron_latent.data.provenance import check_datasets_tokenizer
 
 DEFAULT_SPLIT = "969,30,1"
 
@@ -130,8 +140,12 @@ def parse_blend(entries: Sequence[str]) -> tuple[list[str], list[float] | None]:
     return list(entries), None
 
 
-def check_data_paths(config: DataConfig) -> None:
-    """Raise DatasetPathError naming the first data path that cannot be trained on."""
+def check_data_paths(config: DataConfig, tokenizer=None) -> None:
+    """Raise DatasetPathError naming the first data path that cannot be trained on.
+
+    With a ``tokenizer``, also refuse datasets made with another tokenizer (sidecar and token
+    dtype, see ``provenance.check_datasets_tokenizer``). Reads headers and stats files only.
+    """
     for prefix in config.prefixes():
         header = read_index_header(prefix)
         if header.is_sentence_level:
@@ -142,12 +156,55 @@ def check_data_paths(config: DataConfig) -> None:
             )
         if header.num_documents == 0:
             raise DatasetPathError(f"data path {prefix!r} holds no documents")
+    if tokenizer is not None:
+        check_datasets_tokenizer(config.prefixes(), tokenizer)
+
+
+@dataclass
+class KeyedGPTDatasetConfig(gpt_dataset.GPTDatasetConfig):
+    """megatron-core's config plus the data-file key of every dataset path (see GPTDataset)."""
+
+    data_files: dict[str, dict] = field(default_factory=dict)
+
+
+class GPTDataset(gpt_dataset.GPTDataset):
+    """megatron-core's GPTDataset whose cached indices are keyed on its data files too.
+
+    megatron-core names the cached document/sample/shuffle indices after a hash of the dataset
+    path and the config, so a dataset regenerated at the same path would read indices built for
+    the old files. Here the ``.bin/.idx`` size and modification time (``data_files`` of the
+    config, taken on rank 0 so every rank names the same files) join that description.
+    """
+
+    def _build_document_sample_shuffle_indices(self):
+        files = getattr(self.config, "data_files", {}).get(self.dataset_path)
+        if files is None and self.dataset_path is not None:
+            files = data_files_key(self.dataset_path)
+        self.unique_identifiers["data_files"] = files
+        self.unique_description = json.dumps(
+            self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
+        )
+        self.unique_description_hash = hashlib.md5(
+            self.unique_description.encode("utf-8"), usedforsecurity=False
+        ).hexdigest()
+        return super()._build_document_sample_shuffle_indices()
+
+
+def _data_files(config: DataConfig) -> dict[str, dict]:
+    """Every dataset's file key, as rank 0 sees it when a process group exists."""
+    import torch.distributed as dist
+
+    keys = {prefix: data_files_key(prefix) for prefix in config.prefixes()}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [keys]
+        dist.broadcast_object_list(box, src=0)
+        keys = box[0]
+    return keys
 
 
 def _gpt_config(config: DataConfig, tokenizer, **blend_args):
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
-    return GPTDatasetConfig(
+    return KeyedGPTDatasetConfig(
+        data_files=_data_files(config) if not config.mock_data else {},
         random_seed=config.seed,
         sequence_length=config.seq_length,
         path_to_cache=config.data_cache_path,
@@ -235,14 +292,13 @@ def build_gpt_datasets(
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     sizes = _checked_sizes(config, [train_samples, valid_samples, test_samples])
     if config.mock_data:
         gpt_config = _gpt_config(config, tokenizer, split=config.split)
-        cls = MockGPTDataset
+        cls = gpt_dataset.MockGPTDataset
     else:
-        check_data_paths(config)
+        check_data_paths(config, tokenizer)
         gpt_config = _gpt_config(
             config,
             tokenizer,
@@ -279,7 +335,6 @@ def build_valid_datasets_per_component(
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset
 
     if config.data_path:
         prefixes = config.blend()[0]
@@ -287,7 +342,7 @@ def build_valid_datasets_per_component(
         prefixes = parse_blend(config.valid_data_path)[0]
     else:
         raise ValueError("no validation data: give data_path or valid_data_path")
-    check_data_paths(config)
+    check_data_paths(config, tokenizer)
     out: list[tuple[str, object | None]] = []
     for prefix in prefixes:
         if config.data_path:

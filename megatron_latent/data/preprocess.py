@@ -11,7 +11,8 @@ Where this differs from Megatron-LM: a bad record (malformed JSON, missing key, 
 invalid UTF-8) stops the run with its file and line instead of crashing or writing an empty
 document (``--skip-bad-lines`` skips and counts them instead); ``--split-sentences`` cuts the
 document's own tokens at sentence starts (see ``sentences.py``) instead of tokenizing sentences
-one by one with NLTK; outputs appear only once complete.
+one by one with NLTK; outputs appear only once complete, each with a tokenizer sidecar
+``{prefix}.tokenizer.json`` (see ``provenance.py``) that training checks its tokenizer against.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from megatron_latent.data.indexed import (
     dataset_prefix,
     optimal_token_dtype,
 )
+from megatron_latent.data.provenance import tokenizer_fingerprint
 from megatron_latent.data.readers import (
     RECORD_SUFFIXES,
     BadRecord,
@@ -229,8 +231,10 @@ def _run_range(
     stop: int | None = None,
     label: str = "",
     log: Callable[[str], None] = _stderr,
+    sidecar: dict[str, Any] | None = None,
 ) -> PreprocessStats:
-    """Tokenize records ``[start, stop)`` of ``files`` into datasets under ``output_prefix``."""
+    """Tokenize records ``[start, stop)`` of ``files`` into datasets under ``output_prefix``
+    (each with the tokenizer ``sidecar``, when given)."""
     stats = PreprocessStats()
     writers: dict[str, AtomicIndexedDatasetWriter] = {}
     pool = None
@@ -238,7 +242,7 @@ def _run_range(
     try:
         for key in config.json_keys:
             prefix = dataset_prefix(output_prefix, key, config.level)
-            writers[key] = AtomicIndexedDatasetWriter(prefix, dtype)
+            writers[key] = AtomicIndexedDatasetWriter(prefix, dtype, sidecar)
         batches = _batches(iter_records(files, config.json_keys, start, stop))
         if workers > 1:
             pool = _mp_context().Pool(workers, initializer=_init_worker, initargs=(config, dtype))
@@ -344,8 +348,10 @@ def _run_partitions(
     files: Sequence[InputFile],
     dtype: type[numpy.number],
     log: Callable[[str], None],
+    sidecar: dict[str, Any] | None = None,
 ) -> PreprocessStats:
-    """Contiguous document ranges in parallel processes, merged in order afterwards."""
+    """Contiguous document ranges in parallel processes, merged in order afterwards (the
+    merged outputs get the tokenizer ``sidecar``; the partitions none)."""
     total = sum(count_records(files))
     ranges = _partition_ranges(total, config.partitions)
     workers = config.workers // config.partitions
@@ -380,7 +386,7 @@ def _run_partitions(
         log(f"Merging {config.partitions} partitions")
         for key in config.json_keys:
             with AtomicIndexedDatasetWriter(
-                dataset_prefix(config.output_prefix, key, config.level), dtype
+                dataset_prefix(config.output_prefix, key, config.level), dtype, sidecar
             ) as writer:
                 for prefix in part_prefixes:
                     writer.add_index(dataset_prefix(prefix, key, config.level))
@@ -433,14 +439,16 @@ def preprocess(
     began = time.time()
     files, tokenizer = check_config(config)
     dtype = optimal_token_dtype(tokenizer.vocab_size)
+    sidecar = tokenizer_fingerprint(tokenizer).to_json()
     log(
         f"Tokenizing {len(files)} file(s) with {type(tokenizer).__name__} "
         f"(vocab {tokenizer.vocab_size}, {numpy.dtype(dtype).name} tokens), "
         f"{config.workers} worker(s), {config.partitions} partition(s)"
     )
     if config.partitions > 1:
-        stats = _run_partitions(config, files, dtype, log)
+        stats = _run_partitions(config, files, dtype, log, sidecar)
     else:
-        stats = _run_range(config, files, config.workers, config.output_prefix, dtype, log=log)
+        stats = _run_range(config, files, config.workers, config.output_prefix, dtype, log=log,
+                           sidecar=sidecar)
     stats.seconds = time.time() - began
     return stats

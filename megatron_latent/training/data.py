@@ -73,13 +73,22 @@ def data_config(run: RunConfig) -> DataConfig:
 
 
 def check_data(run: RunConfig) -> None:
-    """Fail fast (before any model is built) on missing or unusable data paths."""
+    """Fail fast (before any model is built) on missing or unusable data paths.
+
+    Checks every dataset's files (present, readable, sizes that agree with its index) and then
+    that it was made with the run's tokenizer (its tokenizer sidecar, and its token dtype
+    against the vocabulary size). Reads headers and stats files only.
+    """
     config = data_config(run)
     if config.mock_data:
         return
+    from ..data.tokenizers import TokenizerError
+
     try:
         check_data_paths(config)
-    except DatasetPathError as error:
+        tokenizer = build_run_tokenizer(run)
+        check_data_paths(config, tokenizer)
+    except (DatasetPathError, TokenizerError) as error:
         raise ConfigError(str(error)) from error
 
 
