@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-load-optim", action="store_true")
     add("--no-load-rng", action="store_true")
     add("--no-save-optim", action="store_true")
+    add("--keep-last-checkpoints", type=int, default=None, metavar="N",
+        help="after each save, delete all but the N newest checkpoints under --save "
+             "(default: keep all)")
     add("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
         default=True, help="do not save and exit 0 on SIGTERM/SIGUSR1 (Slurm preemption)")
 
@@ -294,6 +297,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
             finetune=args.finetune, no_load_optim=args.no_load_optim,
             no_load_rng=args.no_load_rng, no_save_optim=args.no_save_optim,
             exit_signal_handler=args.exit_signal_handler,
+            keep_last_checkpoints=args.keep_last_checkpoints,
         ),
         evaluation=EvalSettings(
             eval_interval=_pick(args.eval_interval, None, EvalSettings.eval_interval),

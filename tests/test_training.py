@@ -393,6 +393,75 @@ def test_load_of_an_empty_directory_starts_from_scratch(single_process_parallel,
     assert checkpointing.read_tracker(str(ckpt)) == 2
 
 
+def test_a_second_writer_of_a_save_directory_is_refused(single_process_parallel, corpus,
+                                                        tmp_path):
+    from megatron_latent.arguments import parse_run_config
+    from megatron_latent.training.trainer import Trainer
+
+    ckpt = str(tmp_path / "ckpt")
+    run, _ = parse_run_config(flags(corpus, "--train-iters", "2", "--save", ckpt))
+    first = Trainer(run)
+    first.setup()
+    with pytest.raises(ConfigError, match=rf"being written by another run \(pid {os.getpid()} "):
+        run_training(flags(corpus, "--train-iters", "2", "--save", ckpt))
+    first.close()
+    summary, _ = run_training(flags(corpus, "--train-iters", "2", "--save", ckpt))
+    assert summary.iterations == 2
+
+
+def test_second_process_is_refused_and_a_killed_writer_frees_the_directory(corpus, tmp_path):
+    """Across processes: the running writer is named; after it is killed (SIGKILL, no chance
+    to clean up) the directory can be resumed from."""
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, str(ROOT / "pretrain.py"),
+               *flags(corpus, "--train-iters", "100000", "--save", str(ckpt), "--load",
+                      str(ckpt), "--save-interval", "2")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    writer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, cwd=ROOT)
+    try:
+        for line in writer.stdout:
+            if "saved checkpoint" in line:
+                break
+        second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"being written by another run (pid {writer.pid} " in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        writer.kill()
+        writer.wait()
+    saved = checkpointing.read_tracker(str(ckpt))
+    resumed = subprocess.run([*command[:command.index("100000")], str(saved + 1),
+                              *command[command.index("100000") + 1:]],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert checkpointing.read_tracker(str(ckpt)) == saved + 1
+
+
+def test_keep_last_checkpoints(single_process_parallel, corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_training(flags(corpus, "--train-iters", "5", "--save", str(ckpt), "--save-interval", "1",
+                       "--keep-last-checkpoints", "2"))
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".deleting")]
+    resumed, _ = run_training(flags(corpus, "--train-iters", "6", "--load", str(ckpt)))
+    assert resumed.iterations == 6
+
+    # The checkpoint just saved is never deleted; later ones (from a run that was resumed
+    # from an earlier checkpoint) are left alone.
+    other = tmp_path / "other"
+    for iteration in (1, 2, 3, 9):
+        (other / f"iter_{iteration:07d}").mkdir(parents=True)
+    deleted = checkpointing.prune_checkpoints(str(other), keep=2, newest=3)
+    assert deleted == [str(other / "iter_0000001")]
+    assert sorted(p.name for p in other.iterdir()) == ["iter_0000002", "iter_0000003",
+                                                      "iter_0000009"]
+    with pytest.raises(ConfigError, match="--keep-last-checkpoints must be >= 1"):
+        run_training(flags(corpus, "--train-iters", "1", "--save", str(ckpt),
+                           "--keep-last-checkpoints", "0"))
+
+
 def test_wandb_offline_run_records_the_metrics(single_process_parallel, corpus, tmp_path,
                                                monkeypatch):
     pytest.importorskip("wandb")

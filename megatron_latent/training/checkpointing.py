@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from ..models.hf_gpt_neox import merge_shards, shard_for_rank
 logger = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_ITERATION_DIR = re.compile(r"iter_(\d{7,})")
 CHECKPOINT_FILE = "model_optim_rng.pt"
 CONFIG_FILE = "config.json"
 CHECKPOINT_VERSION = 1
@@ -226,11 +228,37 @@ def save_checkpoint(root: str, state: TrainState, engine, scheduler, run_config:
         _atomic_write_text(os.path.join(root, TRACKER_FILE), str(state.iteration))
         if trash:
             shutil.rmtree(trash, ignore_errors=True)
-        for name in os.listdir(root):  # leftovers of saves that were killed
-            if name.startswith(".tmp_iter_") and os.path.join(root, name) != tmp_root:
+        for name in os.listdir(root):  # leftovers of saves and deletions that were killed
+            if name.startswith((".tmp_iter_", ".deleting_iter_")) and \
+                    os.path.join(root, name) != tmp_root:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     _barrier()
     return final
+
+
+def prune_checkpoints(root: str, keep: int, newest: int) -> list[str]:
+    """Delete all but the `keep` newest checkpoints up to iteration `newest` (the one just
+    saved, which is always kept); checkpoints after it (left by a run that was resumed from an
+    earlier one) are not touched. Global rank 0 deletes; returns the deleted directories."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    rank, _ = _world()
+    if rank != 0:
+        return []
+    saved = []
+    for name in os.listdir(root):
+        match = _ITERATION_DIR.fullmatch(name)
+        if match and int(match.group(1)) <= newest and os.path.isdir(os.path.join(root, name)):
+            saved.append(int(match.group(1)))
+    deleted = []
+    for iteration in sorted(saved, reverse=True)[keep:]:  # `newest` is first: always kept
+        path = iteration_dir(root, iteration)
+        # Renamed first, so a deletion cut short never leaves a partial iter_* directory.
+        trash = os.path.join(root, f".deleting_iter_{iteration:07d}_{uuid.uuid4().hex[:8]}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(path)
+    return deleted
 
 
 # -- load --------------------------------------------------------------------------------------

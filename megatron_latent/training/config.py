@@ -133,6 +133,8 @@ class CheckpointSettings:
     no_load_rng: bool = False
     no_save_optim: bool = False
     exit_signal_handler: bool = True
+    #: Keep only this many newest checkpoints under --save (None keeps all).
+    keep_last_checkpoints: int | None = None
 
 
 @dataclass

@@ -31,6 +31,7 @@ from .config import RunConfig
 from .data import build_run_data, build_run_tokenizer, check_data, microbatch_groups, valid_batches
 from .engines import Engine, make_engine
 from .metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, format_train_line
+from .save_lock import lock_save_directory
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ def validate_run(run: RunConfig, spec: MethodSpec, world_size: int, device: torc
         raise ConfigError("--save-interval must be positive")
     if run.checkpoint.save_interval and not run.checkpoint.save:
         raise ConfigError("--save-interval needs --save <directory>")
+    keep = run.checkpoint.keep_last_checkpoints
+    if keep is not None and keep < 1:
+        raise ConfigError(f"--keep-last-checkpoints must be >= 1, got {keep}")
+    if keep is not None and not run.checkpoint.save:
+        raise ConfigError("--keep-last-checkpoints needs --save <directory>")
     if run.checkpoint.load and os.path.exists(run.checkpoint.load) and \
             not os.path.isdir(run.checkpoint.load):
         raise ConfigError(f"--load {run.checkpoint.load} is a file, not a checkpoint directory")
@@ -240,6 +246,21 @@ class Trainer:
         check_vocab_against_checkpoint(run)
 
         initialize_parallel(run.parallel, self.device, seed=run.training.seed)
+        self.save_lock = lock_save_directory(run.checkpoint.save)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release what the run holds outside this process (the --save directory's lock)."""
+        lock, self.save_lock = getattr(self, "save_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def _build(self) -> None:
+        run = self.run
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = run.training.num_microbatches(self.dp_size)
         self.total_iters = run.training.total_iters()
@@ -310,6 +331,11 @@ class Trainer:
             self.run.checkpoint.save, self.state, self.engine, self.scheduler,
             self.run.to_dict(), save_optimizer=not self.run.checkpoint.no_save_optim)
         _print(f"> saved checkpoint {path} ({time.perf_counter() - started:.1f}s)")
+        keep = self.run.checkpoint.keep_last_checkpoints
+        if keep:
+            for deleted in checkpointing.prune_checkpoints(self.run.checkpoint.save, keep,
+                                                           self.state.iteration):
+                _print(f"> deleted checkpoint {deleted} (--keep-last-checkpoints {keep})")
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainSummary:
@@ -392,6 +418,7 @@ class Trainer:
         finally:
             stop.restore()
             self.metrics.close()
+            self.close()
 
     def _log_train(self, result, window, loss_sum, aux_sums, count, summary) -> None:
         elapsed, iterations, tokens = window.read_and_reset()
