@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import sentencepiece
 
+from megatron_latent.config import ConfigError
+from megatron_latent.data.hf_tokenizer_export import (
+    export_hf_tokenizer,
+    sentencepiece_to_tokenizers,
+)
 from megatron_latent.data.tokenizer_args import RESERVED_SPECIAL_TOKENS, TOKENIZER_TYPE_NAMES
 from megatron_latent.data.tokenizers import (
     GPT2BPETokenizer,
@@ -19,13 +27,16 @@ from megatron_latent.data.tokenizers import (
 )
 
 from data_fixtures import (
+    REPO,
     TRICKY_TEXTS,
     ReferenceGPT2BPE,
     corpus_texts,
     gpt2_files,
     hf_tokenizer_dir,
     sentencepiece_model,
+    write_jsonl,
 )
+from training_fixtures import TINY_FLAGS
 
 SAMPLES = TRICKY_TEXTS + list(corpus_texts()[:5])
 
@@ -213,7 +224,7 @@ def test_factory_errors_name_the_problem(tmp_path):
         )
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a model")
-    with pytest.raises(TokenizerError, match="cannot load SentencePiece model"):
+    with pytest.raises(TokenizerError, match="is not a SentencePiece model"):
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(garbage))
 
 
@@ -233,3 +244,140 @@ def test_usable_as_megatron_core_dataset_tokenizer():
     description = json.dumps({"t": tok}, default=lambda o: o.unique_identifiers)
     assert "sp_tiny.model" in description
     assert tok.special_tokens_dict == {"bos_token": 1, "eos_token": 2, "pad_token": 3, "unk_token": 0}
+
+
+# -- a file of the wrong kind is one line naming the file and what it should be --------------
+
+
+def _wrong_files(tmp_path) -> dict[str, str]:
+    files = {
+        "text": ("notes.txt", "To be, or not to be\n"),
+        "json": ("tokenizer.json", '{"version": "1.0", "model": {"type": "Nonsense"}}'),
+        "merges": ("merges.txt", "#version: 0.2\nthis line has three\n"),
+    }
+    paths = {}
+    for key, (name, content) in files.items():
+        paths[key] = str(tmp_path / name)
+        with open(paths[key], "w") as f:
+            f.write(content)
+    return paths
+
+
+def test_files_of_the_wrong_kind_are_one_line_config_errors(tmp_path):
+    bad = _wrong_files(tmp_path)
+    vocab, merges = gpt2_files()
+    cases = [
+        (("SentencePieceTokenizer", bad["text"], None, None),
+         ["--tokenizer-model", bad["text"], "is not a SentencePiece model", ".model"]),
+        (("SentencePieceTokenizer", bad["json"], None, None),
+         [bad["json"], "is not a SentencePiece model", "--tokenizer-type HuggingFaceTokenizer"]),
+        (("HuggingFaceTokenizer", bad["json"], None, None),
+         ["--tokenizer-model", bad["json"], "is not a Hugging Face tokenizer.json"]),
+        (("HuggingFaceTokenizer", sentencepiece_model(), None, None),
+         [sentencepiece_model(), "is not a Hugging Face tokenizer.json"]),
+        (("GPT2BPETokenizer", None, vocab, None), ["GPT2BPETokenizer needs --merge-file"]),
+        (("GPT2BPETokenizer", None, bad["text"], merges),
+         ["--vocab-file", bad["text"], "is not a GPT-2 vocab.json"]),
+        (("GPT2BPETokenizer", None, vocab, bad["merges"]),
+         ["--merge-file", bad["merges"], "is not a GPT-2 merges.txt"]),
+    ]
+    for (kind, model, vocab_file, merge_file), expected in cases:
+        with pytest.raises(ConfigError) as err:
+            build_tokenizer(kind, tokenizer_model=model, vocab_file=vocab_file,
+                            merge_file=merge_file)
+        message = str(err.value)
+        assert "\n" not in message, message
+        for part in expected:
+            assert part in message, (part, message)
+
+
+def test_pretrain_reports_a_wrong_tokenizer_file_in_one_line(tmp_path):
+    bad = _wrong_files(tmp_path)["json"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "pretrain.py"), *TINY_FLAGS, "--mock-data",
+         "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
+         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", bad],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"pretrain.py: error: --tokenizer-model '{bad}' is not a SentencePiece model")
+
+
+def test_preprocess_data_reports_a_wrong_tokenizer_file_in_one_line(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "preprocess_data", os.path.join(REPO, "tools", "preprocess_data.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    corpus = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": "hello"}])
+    bad = _wrong_files(tmp_path)["text"]
+    assert tool.main(["--input", corpus, "--output-prefix", str(tmp_path / "out"),
+                      "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", bad]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"'{bad}' is not a Hugging Face tokenizer.json" in error
+
+
+# -- Hugging Face export ---------------------------------------------------------------------
+
+EXPORT_TEXTS = SAMPLES + [
+    "Ünïcödé 😀🚀 中文 한국어 ∑ ☃", "a<sent>b", "<thought>x</thought>", "x <sent> y", "a\u2581b",
+    "end</s>",
+]
+
+
+def _sentencepiece(tmp_path, model_type: str, normalization: str, byte_fallback: bool) -> str:
+    from megatron_latent.data.tokenizer_training import (
+        TokenizerTrainingConfig,
+        train_sentencepiece,
+    )
+
+    corpus = write_jsonl(str(tmp_path / "corpus.jsonl"), [{"text": t} for t in corpus_texts()])
+    config = TokenizerTrainingConfig(
+        input=[corpus], output_prefix=str(tmp_path / "sp"), vocab_size=400,
+        model_type=model_type, normalization=normalization, byte_fallback=byte_fallback,
+        threads=1)
+    return train_sentencepiece(config, log=lambda m: None)
+
+
+@pytest.mark.parametrize("model_type,normalization,byte_fallback", [
+    ("bpe", "identity", True), ("unigram", "identity", True), ("bpe", "nmt_nfkc", True),
+    ("bpe", "identity", False)])
+def test_sentencepiece_as_tokenizers_encodes_like_the_library(tmp_path, model_type,
+                                                              normalization, byte_fallback):
+    model = (sentencepiece_model() if (model_type, normalization, byte_fallback)
+             == ("bpe", "identity", True)
+             else _sentencepiece(tmp_path, model_type, normalization, byte_fallback))
+    reference = sentencepiece.SentencePieceProcessor(model_file=model)
+    converted = sentencepiece_to_tokenizers(model)
+    texts = list(EXPORT_TEXTS)
+    # Every piece alone, inside text and right after a user-defined piece.
+    for i in range(reference.get_piece_size()):
+        if not (reference.is_control(i) or reference.is_unknown(i) or reference.is_byte(i)):
+            piece = reference.id_to_piece(i).replace("\u2581", " ")
+            texts += [piece, f"x{piece}y", f"<sent>{piece}"]
+    for text in texts:
+        if text.endswith("</s>"):
+            continue  # a named special token written out: transformers' convention differs
+        ids = converted.encode(text).ids
+        assert ids == reference.encode(text), text
+        if byte_fallback:
+            assert converted.decode(ids) == reference.decode(ids), text
+
+
+def test_gpt2_export_encodes_like_gpt2_in_autotokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vocab, merges = gpt2_files()
+    folder = tmp_path / "hf"
+    ids = export_hf_tokenizer(_gpt2(), str(folder), model_max_length=64)
+    assert (folder / "vocab.json").read_bytes() == open(vocab, "rb").read()
+    assert (folder / "merges.txt").read_bytes() == open(merges, "rb").read()
+    auto = transformers.AutoTokenizer.from_pretrained(str(folder))
+    reference = ReferenceGPT2BPE(vocab, merges)
+    for text in EXPORT_TEXTS:
+        encoded = auto(text)["input_ids"]
+        assert encoded == reference.encode(text), text
+        assert auto.decode(encoded) == text
+    eod = json.load(open(vocab))["<|endoftext|>"]
+    assert ids["eos_token_id"] == ids["bos_token_id"] == auto.eos_token_id == eod
+    assert ids["pad_token_id"] is None and auto.model_max_length == 64

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megatron_latent.config import ConfigError
+    from megatron_latent.data.tokenizers import TokenizerError
     from megatron_latent.distributed import destroy_parallel
     from megatron_latent.inference import GenerationConfig, generate_with_details
     from megatron_latent.inference.loading import load_model_for_inference
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                                         detokenize=tokenizer.detokenize,
                                         use_cache=not args.no_cache)
     except (ConfigError, ValueError) as error:
+        if isinstance(error, TokenizerError) and not any(
+                (args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)):
+            error = (f"{error} (the tokenizer {args.load} records; give another with "
+                     "--tokenizer-type and --tokenizer-model or --vocab-file/--merge-file)")
         print(f"generate.py: error: {error}", file=sys.stderr)
         destroy_parallel()
         return 2

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_latent.config import ConfigError
 from megatron_latent.data.tokenizer_args import RESERVED_SPECIAL_TOKENS, TOKENIZER_TYPE_NAMES
 
 __all__ = [
@@ -58,8 +59,21 @@ _PAD_CANDIDATES = ("<pad>", "<|padding|>", "[PAD]")
 _UNK_CANDIDATES = ("<unk>", "[UNK]", "<|unk|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
     """A tokenizer that cannot be built or used as asked (bad type, missing file, no EOD)."""
+
+
+def _load_failure(flag: str, path: str, expected: str, err: Exception) -> TokenizerError:
+    """One-line error: ``flag``'s ``path`` is not the ``expected`` file, and the reason."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        head = b""
+    if expected.startswith("a SentencePiece") and head.startswith((b"{", b"[")):
+        expected += "; it holds JSON (a tokenizer.json needs --tokenizer-type HuggingFaceTokenizer)"
+    reason = " ".join(str(err).split())
+    return TokenizerError(f"{flag} {path!r} is not {expected} ({reason})")
 
 
 class Tokenizer(MegatronTokenizerBase):
@@ -281,9 +295,10 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         except (OSError, RuntimeError) as err:
-            raise TokenizerError(
-                f"cannot load SentencePiece model {model_file!r}: {err}"
-            ) from None
+            raise _load_failure(
+                "--tokenizer-model", model_file,
+                "a SentencePiece model (the binary .model file SentencePiece training writes)",
+                err) from None
         self._base_size = self._sp.get_piece_size()
         self._special: dict[str, int] = {}
         self._extra: list[str] = []  # appended after the model's pieces
@@ -445,7 +460,10 @@ class HuggingFaceTokenizer(Tokenizer):
         try:
             tok = RustTokenizer.from_file(tokenizer_file)
         except Exception as err:
-            raise TokenizerError(f"cannot load {tokenizer_file!r}: {err}") from None
+            raise _load_failure(
+                "--tokenizer-model", tokenizer_file,
+                "a Hugging Face tokenizer.json (the JSON file the tokenizers library saves)",
+                err) from None
         config = _read_tokenizer_config(os.path.dirname(tokenizer_file))
         self._init_from(tokenizer_file, tok, config, special_tokens, eod_token)
 
@@ -476,6 +494,11 @@ class HuggingFaceTokenizer(Tokenizer):
                 raise TokenizerError(f"end-of-document token {eod_token!r} is not in {path!r}")
             self._named["eos"] = eod_token
         self.add_special_tokens(special_tokens)
+
+    @property
+    def backend(self) -> Any:
+        """The ``tokenizers.Tokenizer`` that encodes (added special tokens included)."""
+        return self._tok
 
     # encoding
     def tokenize(self, text: str) -> list[int]:
@@ -550,11 +573,18 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         from tokenizers import decoders, models, pre_tokenizers
 
         try:
+            with open(vocab_file, encoding="utf-8") as f:
+                if not isinstance(json.load(f), dict):
+                    raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise _load_failure("--vocab-file", vocab_file,
+                                "a GPT-2 vocab.json (a JSON object token -> id)", err) from None
+        try:
             model = models.BPE.from_file(vocab_file, merge_file)
         except Exception as err:
-            raise TokenizerError(
-                f"cannot load GPT-2 BPE from {vocab_file!r} and {merge_file!r}: {err}"
-            ) from None
+            raise _load_failure(
+                "--merge-file", merge_file, f"a GPT-2 merges.txt for {vocab_file!r} (one "
+                "'left right' pair of vocabulary tokens per line)", err) from None
         tok = RustTokenizer(model)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()

@@ -178,12 +178,28 @@ def hf_config_to_model_config(hf: Mapping) -> ModelConfig:
     )
 
 
-def model_config_to_hf_config(config: ModelConfig, vocab_size: int | None = None) -> dict:
-    """GPTNeoX `config.json` dict for a ModelConfig (vocab defaults to the padded size)."""
+def model_config_to_hf_config(
+    config: ModelConfig,
+    vocab_size: int | None = None,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
+    """GPTNeoX `config.json` dict for a ModelConfig (vocab defaults to the padded size).
+
+    The special-token ids are the tokenizer's (EOS = its end-of-document id); None (unknown)
+    is written as null rather than GPTNeoXConfig's defaults, which name other tokens.
+    """
+    rows = vocab_size or config.padded_vocab_size()
+    for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+                        ("pad_token_id", pad_token_id)):
+        if value is not None and not 0 <= value < rows:
+            raise ConfigError(f"{name} {value} is outside the vocabulary of {rows} ids")
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
-        "vocab_size": vocab_size or config.padded_vocab_size(),
+        "vocab_size": rows,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_attention_heads,
@@ -200,8 +216,9 @@ def model_config_to_hf_config(config: ModelConfig, vocab_size: int | None = None
         "attention_dropout": config.attention_dropout,
         "hidden_dropout": config.hidden_dropout,
         "attention_bias": True,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
         "torch_dtype": "float32",
     }
 
