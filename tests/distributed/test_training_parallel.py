@@ -87,6 +87,44 @@ def test_dp2_resume_with_dropout_is_exact(use_parallel, corpus, shared_dir):
     assert losses(resumed) == losses(full)[3:]  # bit for bit
 
 
+def first_step_gradients(argv):
+    """Gradients (full, canonical names, same on every rank) and the logged grad norm of the
+    first optimizer step of a run."""
+    from megatron_latent.arguments import parse_run_config
+    from megatron_latent.distributed import tp_group, tp_size
+    from megatron_latent.models import hf_gpt_neox as mapping
+    from megatron_latent.training.data import microbatch_groups
+    from megatron_latent.training.trainer import Trainer
+
+    run, _ = parse_run_config(argv)
+    trainer = Trainer(run)
+    trainer.setup()
+    batches = next(microbatch_groups(trainer.data.train_loader, trainer.num_microbatches))
+    result = trainer.engine.train_step(batches)
+    model = trainer.engine.unwrapped_model()
+    grads = mapping.canonical_state_dict({n: p.grad.clone() for n, p in model.named_parameters()})
+    if tp_size() > 1:
+        shards = [None] * tp_size()
+        dist.all_gather_object(shards, grads, group=tp_group())
+        grads = mapping.merge_shards(shards)
+    return grads, result
+
+
+def test_dp2_and_tp2_take_the_same_gradient_step(use_parallel, corpus):
+    """Unequal loss tokens per rank (--eod-mask-loss): DP=2 (two micro-batches on each rank,
+    summed across ranks by DDP) and TP=2 (all four on one model) give the same gradients and
+    grad norm (clipping off, so the gradients are compared as computed)."""
+    extra = ("--train-iters", "2", "--eod-mask-loss", "--clip-grad", "0")
+    dp_grads, dp_result = first_step_gradients(flags(corpus, *extra))
+    tp_grads, tp_result = first_step_gradients(
+        flags(corpus, *extra, "--tensor-model-parallel-size", "2"))
+    assert dp_result.lm_loss == pytest.approx(tp_result.lm_loss, rel=1e-6)
+    assert dp_result.grad_norm == pytest.approx(tp_result.grad_norm, rel=1e-5)
+    assert set(dp_grads) == set(tp_grads)
+    for name, grad in dp_grads.items():
+        torch.testing.assert_close(grad, tp_grads[name], atol=1e-7, rtol=1e-4, msg=name)
+
+
 def test_tp1_checkpoint_recut_for_tp2(use_parallel, corpus, shared_dir):
     ckpt = str(shared_dir / "ckpt_tp1")
     _, source = run_training(flags(corpus, "--train-iters", "2", "--save", ckpt))
