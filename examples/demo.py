@@ -6,8 +6,10 @@
 3. preprocess both splits into Megatron .bin/.idx datasets
 4. pretrain a tiny Pythia (plain next-token), evaluating and saving as it goes
 5. stop it, resume from the checkpoint and finish
-6. pretrain the same tiny Pythia with pondering (k=3) on the same tokens
-and print both runs side by side. Every step is the project's own command-line tool.
+6. train it again with another seed, to show how far seeds alone move the validation loss
+7. pretrain the same tiny Pythia with pondering (k=3) on the same tokens
+and print the runs side by side with the training FLOPs each spent. Every step is the
+project's own command-line tool.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def shown(path: Path) -> str:
+    """A path as the user would type it from the repository root."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
@@ -41,8 +48,6 @@ def run(command: list[str], log: Path | None = None) -> None:
         lines = []
         for line in process.stdout:
             lines.append(line)
-            if "warn" in line.lower():
-                continue
             print("  " + line.rstrip(), flush=True)
         process.wait()
     if log:
@@ -55,7 +60,19 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def summarize(name: str, metrics: list[dict]) -> dict:
+def training_flops_per_token(flags: list) -> float:
+    """Training FLOPs per token of a run (the same count its TFLOP/s log line uses)."""
+    sys.path.insert(0, str(ROOT))
+    from megatron_latent.arguments import method_options, parse_run_config
+    from megatron_latent.models.registry import get_method
+    from megatron_latent.training import trainer
+
+    run, _ = parse_run_config([str(flag) for flag in flags])
+    run.model.vocab_size = trainer.build_run_tokenizer(run).vocab_size
+    return trainer.training_flops_per_token(run, get_method(run.method), method_options(run))
+
+
+def summarize(name: str, metrics: list[dict], flops_per_token: float) -> dict:
     train = [m for m in metrics if m["kind"] == "train"]
     valid = [m for m in metrics if m["kind"] == "validation"]
     last_valid = valid[-1] if valid else {}
@@ -69,7 +86,34 @@ def summarize(name: str, metrics: list[dict]) -> dict:
         "valid_loss": last_valid.get("lm_loss", float("nan")),
         "valid_ppl": last_valid.get("ppl", float("nan")),
         "tokens_per_s": sum(throughput) / len(throughput),
+        "flops_per_token": flops_per_token,
+        "flops": flops_per_token * int(train[-1]["consumed_tokens"]),
     }
+
+
+def print_summary(results: list[dict]) -> None:
+    """The runs side by side; the second is the plain run with another seed, a third (if any)
+    the pondering run."""
+    header = (f"{'run':<16} {'iters':>6} {'tokens seen':>12} {'training FLOPs':>19} "
+              f"{'train loss':>17} {'valid loss':>11} {'valid ppl':>10} {'tokens/s':>9}")
+    print(header)
+    print("-" * len(header))
+    base = results[0]["flops"]
+    for r in results:
+        print(f"{r['run']:<16} {r['iterations']:>6} {r['tokens']:>12,} "
+              f"{r['flops']:>10.2e} ({r['flops'] / base:>4.1f}x) "
+              f"{r['first_loss']:>7.3f} -> {r['last_loss']:<6.3f} {r['valid_loss']:>11.4f} "
+              f"{r['valid_ppl']:>10.2f} {r['tokens_per_s']:>9.0f}")
+    if any(not math.isfinite(r["valid_loss"]) for r in results):
+        sys.exit("demo: a run finished without a validation loss")
+    spread = abs(results[0]["valid_loss"] - results[1]["valid_loss"])
+    print(f"\nseed spread: the two plain runs (seeds 1234 and 2) differ by {spread:.4f} in "
+          "validation loss; two seeds are only a rough measure of seed noise")
+    if len(results) > 2:
+        gap = results[2]["valid_loss"] - results[0]["valid_loss"]
+        print(f"pondering - plain, same seed and tokens: {gap:+.4f} in validation loss, for "
+              f"{results[2]['flops'] / base:.1f}x the training FLOPs. At this size a difference "
+              "needs several seeds to mean anything: docs/pondering.md has such a table.")
 
 
 def main() -> int:
@@ -86,6 +130,8 @@ def main() -> int:
     out = (ROOT / args.output_dir).resolve()
     data = out / "data"
     if out.exists():
+        print(f"demo: replacing the previous demo's output in {out} (to keep it, move it away "
+              "first or pass --output-dir)", flush=True)
         shutil.rmtree(out)
     data.mkdir(parents=True)
     python = sys.executable
@@ -111,38 +157,42 @@ def main() -> int:
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data / "tokenizer.model",
         "--train-iters", str(iterations), "--lr-warmup-iters", "20",
         "--log-interval", "25", "--eval-interval", "100", "--eval-iters", "8",
-        "--num-workers", "0", "--seed", "1234",
+        "--num-workers", "0",
     ]
+    total = 6 if args.skip_pondering else 7
     vanilla_dir = out / "checkpoints" / "vanilla"
-    step(f"4/6 pretrain tiny Pythia, plain next-token: stops at iteration {stop_at} and saves")
-    run(common + ["--method", "vanilla", "--save", vanilla_dir, "--save-interval", "100",
-                  "--exit-interval", str(stop_at)])
-    step(f"5/6 resume from {vanilla_dir.relative_to(ROOT)} and train to iteration {iterations}")
-    run(common + ["--method", "vanilla", "--load", vanilla_dir, "--save", vanilla_dir,
-                  "--save-interval", "100"])
-    results = [summarize("vanilla", read_metrics(vanilla_dir / "metrics.jsonl"))]
+    step(f"4/{total} pretrain tiny Pythia, plain next-token: stops at iteration {stop_at} and saves")
+    run(common + ["--seed", "1234", "--method", "vanilla", "--save", vanilla_dir,
+                  "--save-interval", "100", "--exit-interval", str(stop_at)])
+    step(f"5/{total} resume from {shown(vanilla_dir)} and train to iteration "
+         f"{iterations}")
+    run(common + ["--seed", "1234", "--method", "vanilla", "--load", vanilla_dir,
+                  "--save", vanilla_dir, "--save-interval", "100"])
+    vanilla_flags = common[2:] + ["--seed", "1234", "--method", "vanilla"]
+    results = [summarize("vanilla", read_metrics(vanilla_dir / "metrics.jsonl"),
+                         training_flops_per_token(vanilla_flags))]
+    seed_dir = out / "checkpoints" / "vanilla_seed2"
+    step(f"6/{total} the same plain run with another seed (initialisation and data order): "
+         "how far seeds alone move the validation loss")
+    run(common + ["--seed", "2", "--method", "vanilla", "--save", seed_dir])
+    results.append(summarize("vanilla seed 2", read_metrics(seed_dir / "metrics.jsonl"),
+                             results[0]["flops_per_token"]))
 
     if not args.skip_pondering:
         ponder_dir = out / "checkpoints" / "pondering"
-        step(f"6/6 pretrain the same tiny Pythia with pondering (k={args.ponder_steps}) "
-             "on the same tokens")
-        run(common + ["--method", "pondering", "--ponder-steps", str(args.ponder_steps),
-                      "--save", ponder_dir])
+        ponder = ["--method", "pondering", "--ponder-steps", str(args.ponder_steps),
+                  "--ponder-scale-embeds"]
+        step(f"7/{total} pretrain the same tiny Pythia with pondering (k={args.ponder_steps}, "
+             "the official recipe's scaled embeddings) on the same tokens")
+        run(common + ["--seed", "1234", *ponder, "--save", ponder_dir])
         results.append(summarize(f"pondering k={args.ponder_steps}",
-                                 read_metrics(ponder_dir / "metrics.jsonl")))
+                                 read_metrics(ponder_dir / "metrics.jsonl"),
+                                 training_flops_per_token(common[2:] + ["--seed", "1234",
+                                                                        *ponder])))
 
     step("summary (validation: the 2 held-out plays)")
-    header = (f"{'run':<16} {'iters':>6} {'tokens seen':>12} {'train loss':>17} "
-              f"{'valid loss':>11} {'valid ppl':>10} {'tokens/s':>9}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r['run']:<16} {r['iterations']:>6} {r['tokens']:>12,} "
-              f"{r['first_loss']:>7.3f} -> {r['last_loss']:<6.3f} {r['valid_loss']:>11.4f} "
-              f"{r['valid_ppl']:>10.2f} {r['tokens_per_s']:>9.0f}")
-    if any(not math.isfinite(r["valid_loss"]) for r in results):
-        sys.exit("demo: a run finished without a validation loss")
-    print(f"\ncheckpoints and metrics.jsonl under {out.relative_to(ROOT)}/checkpoints; "
+    print_summary(results)
+    print(f"\ncheckpoints and metrics.jsonl under {shown(out)}/checkpoints; "
           f"finished in {(time.time() - started) / 60:.1f} min")
     return 0
 
