@@ -32,6 +32,7 @@ from .base import (
     StepResult,
     split_model_output,
 )
+from .heap_release import HeapRelease
 
 
 def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -96,6 +97,7 @@ class CPUEngine(Engine):
             partial(torch.autocast, "cpu", dtype=torch.bfloat16) if run.training.bf16
             else nullcontext
         )
+        self.heap = HeapRelease()
 
     # -- helpers -----------------------------------------------------------------------
     def _all_reduce_dp(self, tensor: Tensor) -> Tensor:
@@ -169,6 +171,7 @@ class CPUEngine(Engine):
                               tokens=int(global_tokens))
         self._clip(grad_norm)
         self.optimizer.step()
+        self.heap.after_step()
         return StepResult(lm_loss, aux_values, grad_norm, tokens=int(global_tokens))
 
     @torch.no_grad()
