@@ -4,10 +4,14 @@
 On the demo corpus (Shakespeare, validation = held-out plays), trains one small Pythia shape
 with plain next-token training and with pondering k=1 and k=3, on the same tokens in the same
 order (same seed, same data, same number of iterations), and prints validation loss and
-perplexity side by side with the training FLOPs each run spent.
+perplexity side by side with the training FLOPs each run spent. The pondering runs use the
+official PonderingLM Pythia recipe's embedding scaling (--ponder-scale-embeds: E_0 and the
+mixing table times sqrt(hidden)); multiply-steps stays off, as in the official 70M/160M
+scripts.
 
     python benchmarks/pondering_fidelity.py                # prepares data/demo if missing
     python benchmarks/pondering_fidelity.py --iterations 600 --seeds 1 2
+    python benchmarks/pondering_fidelity.py --seeds 2 --runs k3     # one run; others are reused
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ def prepare_data(data: Path) -> None:
 
 
 def train(data: Path, out: Path, method: list[str], seed: int, args) -> dict:
+    """One training run; its result is kept in ``out/result.json`` with the command that made
+    it, and a later call with the same command reuses it (an interrupted sweep resumes)."""
     metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
+    saved = out / "result.json"
     command = [
         sys.executable, ROOT / "pretrain.py",
         "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
@@ -64,14 +69,25 @@ def train(data: Path, out: Path, method: list[str], seed: int, args) -> dict:
         "--log-interval", "50", "--num-workers", "0", "--seed", str(seed),
         "--metrics-file", metrics, *method,
     ]
+    command = [str(c) for c in command]
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("command") == command[1:]:
+            return {**previous["result"], "reused": True}
+    if metrics.exists():
+        metrics.unlink()
     started = time.time()
-    subprocess.run([str(c) for c in command], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     valid = [r for r in records if r["kind"] == "validation"][-1]
     train_records = [r for r in records if r["kind"] == "train"]
-    return {"valid_loss": valid["lm_loss"], "tokens": train_records[-1]["consumed_tokens"],
-            "minutes": (time.time() - started) / 60}
+    result = {"valid_loss": valid["lm_loss"], "tokens": train_records[-1]["consumed_tokens"],
+              "minutes": (time.time() - started) / 60}
+    partial = saved.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"command": command[1:], "result": result}))
+    partial.replace(saved)
+    return result
 
 
 def training_flops(method: list[str], args) -> float:
@@ -101,13 +117,19 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-iters", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    parser.add_argument("--runs", nargs="+", choices=["vanilla", "k1", "k3"],
+                        default=["vanilla", "k1", "k3"],
+                        help="which runs to train (finished runs are reused from --output-dir "
+                             "when their command is unchanged)")
     args = parser.parse_args()
     data = (ROOT / args.data_dir).resolve()
     out = (ROOT / args.output_dir).resolve()
     prepare_data(data)
-    runs = [("vanilla", ["--method", "vanilla"]),
-            ("pondering k=1", ["--method", "pondering", "--ponder-steps", "1"]),
-            ("pondering k=3", ["--method", "pondering", "--ponder-steps", "3"])]
+    ponder = ["--method", "pondering", "--ponder-scale-embeds"]
+    every_run = {"vanilla": ("vanilla", ["--method", "vanilla"]),
+                 "k1": ("pondering k=1", [*ponder, "--ponder-steps", "1"]),
+                 "k3": ("pondering k=3", [*ponder, "--ponder-steps", "3"])}
+    runs = [every_run[key] for key in ("vanilla", "k1", "k3") if key in args.runs]
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}
     for seed in args.seeds:
         for name, method in runs:
@@ -115,15 +137,16 @@ def main() -> int:
             target.mkdir(parents=True, exist_ok=True)
             result = train(data, target, method, seed, args)
             results[name].append(result)
-            print(f"  {name:<14} seed {seed}: valid loss {result['valid_loss']:.4f} "
-                  f"({result['minutes']:.1f} min)", flush=True)
+            how = "reused" if result.get("reused") else f"{result['minutes']:.1f} min"
+            print(f"  {name:<14} seed {seed}: valid loss {result['valid_loss']:.4f} ({how})",
+                  flush=True)
 
-    base_flops = training_flops(runs[0][1], args)
+    base_flops = training_flops(every_run["vanilla"][1], args)
     shape = (f"{args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} "
              f"heads, seq {args.seq_length}, vocab 4096")
     print(f"\nPythia shape: {shape}; {args.iterations} iterations x {args.global_batch_size} "
-          f"sequences = {results['vanilla'][0]['tokens']:,} training tokens per run; "
-          f"seeds {args.seeds}")
+          f"sequences = {results[runs[0][0]][0]['tokens']:,} training tokens per run; "
+          f"seeds {args.seeds}; pondering with --ponder-scale-embeds (official recipe)")
     print(f"{'run':<15} {'valid loss':>11} {'valid ppl':>10} {'train FLOPs/token':>18} "
           f"{'vs vanilla':>10}")
     for name, method in runs:

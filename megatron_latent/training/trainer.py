@@ -171,7 +171,12 @@ def build_scheduler(run: RunConfig, optimizer, total_iters: int) -> OptimizerPar
 
 
 class StopSignal:
-    """Remembers SIGTERM / SIGUSR1 (Slurm preemption) so the loop can save and exit cleanly."""
+    """Remembers SIGTERM / SIGUSR1 (Slurm preemption) so the loop can save and exit cleanly.
+
+    A handler it replaces that recorded a signal in a ``received`` attribute (pretrain.py
+    installs one at process start, so a signal during imports and set-up is kept) hands that
+    signal over: the loop then saves and exits at its first check.
+    """
 
     def __init__(self, enabled: bool):
         self.received: int | None = None
@@ -181,7 +186,9 @@ class StopSignal:
                 try:
                     self._previous[sig] = signal.signal(sig, self._handle)
                 except ValueError:  # not the main thread
-                    pass
+                    continue
+                if self.received is None:
+                    self.received = getattr(self._previous[sig], "received", None)
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
