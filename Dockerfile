@@ -7,7 +7,9 @@
 #     -e DATA_PATH=/data/pile_text_document -e TOKENIZER_MODEL=/data/20B_tokenizer.json \
 #     -e CHECKPOINT_PATH=/ckpt/pondering-1b \
 #     megatron-latent bash examples/pretrain_pondering_pythia_1b.sh
-ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.04-py3
+# megatron-core 0.16.1 needs transformer-engine >=2.9,<2.12 (the `te` extra in setup.py); the
+# build stops with a message if the base image ships another one.
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3
 FROM ${BASE_IMAGE}
 
 WORKDIR /workspace/megatron-latent
@@ -17,7 +19,11 @@ COPY megatron_latent ./megatron_latent
 RUN pip freeze | grep -iE '^(torch|transformer[-_]engine|apex|flash[-_]attn|triton)==' \
         > /tmp/ngc-pins.txt || true \
  && pip install --no-cache-dir -c /tmp/ngc-pins.txt -e ".[wandb,eval]" \
- && python -c "import megatron.core, megatron_latent, transformer_engine; print('ok')"
+ && python -c "import megatron.core, megatron_latent, transformer_engine; print('ok')" \
+ && python -c "from importlib.metadata import version; \
+from packaging.specifiers import SpecifierSet; te = version('transformer_engine'); \
+assert te in SpecifierSet('>=2.9,<2.12', prereleases=True), \
+f'transformer-engine {te} in this BASE_IMAGE; megatron-core 0.16.1 needs >=2.9,<2.12'"
 COPY . .
 
 ENV CUDA_DEVICE_MAX_CONNECTIONS=1 \

@@ -20,7 +20,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.44", "wandb>=0.17"],
-    "te": ["transformer-engine[pytorch]>=1.13"],
+    # megatron-core 0.16.1 is built and tested against these transformer-engine releases.
+    "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
     "wandb": ["wandb>=0.17"],
     "eval": ["lm-eval>=0.4.5", "transformers>=4.44"],
 }

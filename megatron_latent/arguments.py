@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--norm-epsilon", type=float)
     add("--attention-backend", choices=["auto", "sdpa", "local", "te"],
         help="core attention: torch SDPA, megatron-core's own (CUDA), transformer-engine; "
-        "auto = TE when importable on CUDA, else SDPA")
+        "auto = TE when importable on CUDA (TE linears with SDPA attention under "
+        "--reset-attention-mask, whose per-document mask TE attention ignores), else SDPA")
 
     add = parser.add_argument_group("training").add_argument
     add("--micro-batch-size", type=int)
@@ -80,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bf16", action="store_true")
     add("--fp16", action="store_true")
     add("--loss-scale", type=float, default=None, help="static fp16 loss scale (default dynamic)")
-    add("--initial-loss-scale", type=float, default=None)
+    add("--initial-loss-scale", type=float, default=None,
+        help="first dynamic fp16 loss scale (default: 2^16 / tokens per micro-batch, as a "
+             "power of two; the loss is a per-token sum, so this is 2^16 per token)")
     add("--recompute-granularity", choices=["full", "selective"], default=None)
     add("--recompute-num-layers", type=int, default=None)
     add("--use-distributed-optimizer", action="store_true",

@@ -1,10 +1,11 @@
-"""Let megatron-core's tensor-parallel code run on a machine without CUDA.
+"""Let megatron-core's tensor-parallel code run on the CPU, also on a machine that has CUDA.
 
 megatron-core allocates communication buffers with `device=torch.cuda.current_device()`
 (sequence-parallel all-gather / reduce-scatter, its global memory buffer, the static KV cache).
-On a CPU-only build of torch that call raises, so those paths could never run. On such a
-machine, and only there, the query answers "cpu": the same code then allocates on the CPU and
-gloo carries the collectives. On a machine with CUDA nothing is changed.
+On a CPU-only build of torch that call raises; on a GPU machine it answers cuda:N, and a rank
+that computes on the CPU would then mix CUDA buffers with CPU weights. So while this process
+computes on the CPU the query answers "cpu" (the same code then allocates on the CPU and gloo
+carries the collectives), and once it computes on CUDA the original answer is back.
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ import torch
 _MARK = "_megatron_latent_cpu_device"
 
 
-def route_cuda_device_queries_to_cpu() -> bool:
-    """Install the CPU answer for `torch.cuda.current_device()`; True if it is in place."""
-    if torch.cuda.is_available():
+def _original_current_device():
+    current = torch.cuda.current_device
+    return getattr(current, "_megatron_latent_original", current)
+
+
+def route_cuda_device_queries(device: torch.device | str) -> bool:
+    """Make `torch.cuda.current_device()` answer "cpu" while this process computes on the CPU
+    (``device`` is the CPU) and restore torch's own answer otherwise. Returns True when the
+    CPU answer is in place."""
+    original = _original_current_device()
+    if torch.device(device).type != "cpu":
+        torch.cuda.current_device = original
         return False
     if getattr(torch.cuda.current_device, _MARK, False):
         return True
@@ -28,6 +38,7 @@ def route_cuda_device_queries_to_cpu() -> bool:
         return "cpu"
 
     setattr(current_device, _MARK, True)
+    current_device._megatron_latent_original = original
     torch.cuda.current_device = current_device
     return True
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from .compat import route_cuda_device_queries_to_cpu
+from .compat import route_cuda_device_queries
 from .config import ConfigError
 
 
@@ -83,8 +83,7 @@ def initialize_parallel(
     Returns the device this rank computes on. Safe to call again with the same layout.
     """
     device = device or default_device()
-    if device.type == "cpu":
-        route_cuda_device_queries_to_cpu()
+    route_cuda_device_queries(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel.validate(world_size)
     init_process_group(device)
@@ -108,13 +107,23 @@ def initialize_parallel(
     return device
 
 
+def stage_seed(seed: int) -> int:
+    """The seed of this rank's pipeline stage: ``seed + 100 * pp_rank`` as in Megatron-LM, so
+    stages (which hold different layers) do not draw identical initial weights and dropout."""
+    if parallel_state.model_parallel_is_initialized():
+        return seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    return seed
+
+
 def set_seed(seed: int, device: torch.device) -> None:
-    """Seed python, numpy and torch identically on every rank, plus megatron's TP RNG tracker.
+    """Seed python, numpy and torch identically on every rank of a pipeline stage (offset per
+    stage, see `stage_seed`), plus megatron's TP RNG tracker.
 
     On CUDA, megatron-core tracks a separate generator for tensor-parallel regions. On the
     CPU that tracker cannot exist (it wraps CUDA generators), so its fork() becomes a no-op
     and dropout inside tensor-parallel regions draws from the default generator.
     """
+    seed = stage_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

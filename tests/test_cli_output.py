@@ -18,7 +18,7 @@ def test_a_run_prints_no_optional_library_notices_but_keeps_its_own_warnings(tmp
     empty.mkdir()
     result = subprocess.run(
         [sys.executable, str(ROOT / "pretrain.py"), "--model", "tiny", "--mock-data",
-         "--train-iters", "1", "--eval-iters", "1", "--eval-interval", "1",
+         "--device", "cpu", "--train-iters", "1", "--eval-iters", "1", "--eval-interval", "1",
          "--num-workers", "0", "--micro-batch-size", "2", "--global-batch-size", "2",
          "--load", str(empty)],
         capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -38,6 +38,7 @@ def test_generate_tool_matches_library(single_process_parallel, tmp_path):
                                                          stop_token_ids=(tokenizer.eod,)))
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "generate.py"), "--load", str(ckpt), "--greedy",
+         "--device", "cpu",
          "--max-new-tokens", "6", "--json", *sum([["--prompt", p] for p in prompts], [])],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

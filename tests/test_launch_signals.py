@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "32", "--vocab-size", "512", "--micro-batch-size", "2",
         "--global-batch-size", "8", "--train-iters", "100000", "--log-interval", "1",
-        "--eval-iters", "0", "--num-workers", "0", "--split", "90,10,0"]
+        "--eval-iters", "0", "--num-workers", "0", "--split", "90,10,0", "--device", "cpu"]
 # What torchrun's agent prints when it handles a death signal itself.
 TORCHRUN_SHUTDOWN = ("death signal", "closing signal", "SignalException", "got signal",
                      "ChildFailedError")

@@ -20,7 +20,7 @@ EOD = TINY_VOCAB - 1
 SHAPE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
          "--seq-length", "32", "--vocab-size", str(TINY_VOCAB),
          "--make-vocab-size-divisible-by", "64", "--num-workers", "0", "--log-interval", "1",
-         "--seed", "7"]
+         "--seed", "7", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ TINY_FLAGS = [
     "--seq-length", "32", "--vocab-size", str(TINY_VOCAB), "--make-vocab-size-divisible-by", "64",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-fraction", "0.25", "--weight-decay", "0.01",
     "--num-workers", "0", "--log-interval", "1", "--seed", "7",
+    "--device", "cpu",  # CPU tests stay CPU tests on a machine with a GPU
 ]
 
 

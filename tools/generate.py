@@ -39,7 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="recompute the full prefix for every token (reference path)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true",
+                           help="run the model in bfloat16 (the default on CUDA)")
+    precision.add_argument("--fp32", action="store_true",
+                           help="run the model in float32 (the default on the CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument("--tokenizer-type", default=None)
     parser.add_argument("--tokenizer-model", default=None)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             args.load, args.iteration, args.tensor_model_parallel_size, device,
             {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
              "vocab_file": args.vocab_file, "merge_file": args.merge_file},
-            dtype=torch.bfloat16 if args.bf16 else torch.float32)
+            dtype=torch.bfloat16 if args.bf16 else torch.float32 if args.fp32 else None)
         tokenizer = loaded.tokenizer
         if tokenizer is None:
             raise ConfigError("the checkpoint records no tokenizer; give --tokenizer-type and "

@@ -16,6 +16,11 @@ from ..training.checkpointing import load_full_model_state
 from ..training.config import RunConfig
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The default dtype for generation and evaluation: bfloat16 on CUDA, float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -30,10 +35,13 @@ def load_model_for_inference(
     tensor_parallel_size: int = 1,
     device: torch.device | None = None,
     tokenizer_overrides: dict[str, str | None] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """The checkpoint's method model in eval mode on this rank (weights re-cut for
-    `tensor_parallel_size`), with the tokenizer it was trained with (or the overrides)."""
+    `tensor_parallel_size`), with the tokenizer it was trained with (or the overrides).
+
+    The model is built in `dtype` (default: `inference_dtype(device)`) directly on the device
+    and without drawing random weights: every parameter is then loaded from the checkpoint."""
     full, stored, found_iteration = load_full_model_state(checkpoint, iteration)
     run = RunConfig.from_dict(stored)
     device = initialize_parallel(
@@ -42,7 +50,11 @@ def load_model_for_inference(
     spec = get_method(run.method)
     options = spec.options_from_args(argparse.Namespace(**run.method_args))
     model_config = spec.prepare_model_config(run.model, options)
-    runtime = RuntimeOptions(tensor_model_parallel_size=tp_size())
+    dtype = dtype or inference_dtype(device)
+    runtime = RuntimeOptions(
+        tensor_model_parallel_size=tp_size(), params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=device.type == "cpu", perform_initialization=False)
     model = spec.build_model(model_config, runtime, device, options, True, True)
     load_canonical(model, shard_for_rank(full, tp_size(), tp_rank()))
     model = model.to(dtype).eval()

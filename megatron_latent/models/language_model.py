@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
@@ -46,6 +47,32 @@ class RuntimeOptions:
     #: Initialise full weights on the CPU from the default generator and shard them, so the
     #: same seed gives the same model at every TP size. Slower for very large models on GPU.
     use_cpu_initialization: bool = True
+    #: False: allocate the weights without drawing them (they are about to be loaded).
+    perform_initialization: bool = True
+    #: The attention receives per-document masks (--reset-attention-mask), so its core
+    #: attention must apply an arbitrary mask (see specs.resolve_backends).
+    document_mask: bool = False
+    #: CUDA fusions (see `gradient_accumulation_fusion_available`, `rope_fusion_available`).
+    gradient_accumulation_fusion: bool = False
+    apply_rope_fusion: bool = False
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether megatron-core's linears can accumulate weight gradients straight into fp32
+    main grads (apex's fused_weight_gradient_mlp_cuda; megatron-core refuses the flag
+    without it)."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
+
+
+def rope_fusion_available() -> bool:
+    """Whether megatron-core found transformer-engine's fused rotary kernel."""
+    try:
+        from megatron.core.models.common.embeddings import rope_utils
+    except Exception:  # noqa: BLE001 - any import failure: not available
+        return False
+    return getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
 
 
 def _normal_init(std: float):
@@ -77,9 +104,9 @@ def build_transformer_config(model: ModelConfig, runtime: RuntimeOptions) -> Tra
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=runtime.apply_rope_fusion,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=runtime.gradient_accumulation_fusion,
         cross_entropy_loss_fusion=False,
         rotary_interleaved=False,
         init_method=_normal_init(model.small_init_std),
@@ -92,11 +119,15 @@ def build_transformer_config(model: ModelConfig, runtime: RuntimeOptions) -> Tra
         bf16=runtime.bf16,
         fp16=runtime.fp16,
         use_cpu_initialization=runtime.use_cpu_initialization,
-        perform_initialization=True,
+        perform_initialization=runtime.perform_initialization,
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=runtime.recompute_num_layers if recompute == "full" else None,
         cuda_graph_scope=[],  # the whole layer (megatron-core's current spelling of "full")
+        # Pipeline stages exchange activations in the parameter dtype; freeing a stage's
+        # output once it is sent (only its shape is kept) is what Megatron-LM does too.
+        pipeline_dtype=runtime.params_dtype,
+        deallocate_pipeline_outputs=True,
     )
 
 
@@ -119,6 +150,8 @@ class PythiaModel(LanguageModule):
         vp_stage: int | None = None,
     ):
         super().__init__(config=config, pg_collection=pg_collection)
+        # megatron-core's schedules ask every model chunk for its type (get_model_type).
+        self.model_type = ModelType.encoder_or_decoder
         self.model_config = model_config
         self.pre_process = pre_process
         self.post_process = post_process
@@ -267,7 +300,7 @@ def build_pythia_model(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size()
     )
     device = torch.device(device)
-    transformer_impl, attention = resolve_backends(model_config, device)
+    transformer_impl, attention = resolve_backends(model_config, device, runtime.document_mask)
     config = build_transformer_config(model_config, runtime)
     model = (model_class or PythiaModel)(
         config, model_config, transformer_impl=transformer_impl, attention=attention,

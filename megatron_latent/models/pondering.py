@@ -145,6 +145,19 @@ def _global_top_k(values: Tensor, top_k: int, group) -> tuple[Tensor, Tensor]:
     return mask[..., rank * n:(rank + 1) * n], gathered.amax(dim=-1)
 
 
+def _matmul_fp32(left: Tensor, right: Tensor) -> Tensor:
+    """left @ right accumulated and returned in fp32, also for bf16/fp16 inputs: on CUDA the
+    matmul writes fp32 directly (no copy of the inputs); elsewhere the inputs are upcast."""
+    if left.dtype == torch.float32 and right.dtype == torch.float32:
+        return torch.mm(left, right)
+    if left.is_cuda:
+        try:
+            return torch.mm(left, right, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass  # a torch without fp32-output matmuls for this dtype
+    return torch.mm(left.float(), right.float())
+
+
 class _ExpWeightedRows(torch.autograd.Function):
     """[e · W, Σ e] with e = exp(logits - shift), packed as [.., h + 1] in fp32.
 
@@ -157,8 +170,8 @@ class _ExpWeightedRows(torch.autograd.Function):
     def forward(ctx, logits: Tensor, shift: Tensor, table: Tensor) -> Tensor:
         weights = (logits - shift.unsqueeze(-1)).exp_()
         flat = weights.view(-1, weights.shape[-1])
-        packed = torch.cat([torch.mm(flat, table).float(), flat.sum(-1, keepdim=True).float()],
-                           dim=-1)
+        packed = torch.cat([_matmul_fp32(flat, table),
+                            flat.sum(-1, keepdim=True, dtype=torch.float32)], dim=-1)
         ctx.save_for_backward(weights, table)
         return packed.view(*weights.shape[:-1], -1)
 
@@ -212,7 +225,8 @@ def mix_input_embeddings(
             mode="sum",
         ).view(s, b, -1)
         # Normaliser and partial mixture travel together, reduced in fp32.
-        packed = torch.cat([partial.float(), weights.sum(dim=-1, keepdim=True).float()], dim=-1)
+        packed = torch.cat([partial.float(),
+                            weights.sum(dim=-1, keepdim=True, dtype=torch.float32)], dim=-1)
     if sequence_parallel and world > 1:
         packed = reduce_scatter_to_sequence_parallel_region(packed, group=group)
     elif world > 1:

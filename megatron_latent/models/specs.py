@@ -10,8 +10,6 @@ Two families fill the same ParallelResidualLayer slots:
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -32,18 +30,41 @@ from .layers import (
 
 
 def transformer_engine_available() -> bool:
-    """True when transformer-engine can be imported (it needs CUDA; absent on CPU machines)."""
-    return importlib.util.find_spec("transformer_engine") is not None
+    """True when megatron-core itself imported transformer-engine (its ``HAVE_TE``).
+
+    An installed but broken transformer-engine (built for another torch or CUDA) is reported
+    as absent, as megatron-core treats it, rather than crashing the build."""
+    try:
+        from megatron.core.extensions import transformer_engine as te_extension
+    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
+        return False
+    return bool(getattr(te_extension, "HAVE_TE", False))
 
 
-def resolve_backends(config: ModelConfig, device: torch.device) -> tuple[str, str]:
+DOCUMENT_MASK_UNDER_TE = (
+    "--reset-attention-mask with --attention-backend te: transformer-engine's attention applies "
+    "only the causal mask and would ignore the per-document one, so the run would optimise "
+    "another objective than on the CPU engine; use --attention-backend auto (transformer-engine "
+    "linears with SDPA attention), sdpa or local")
+
+
+def resolve_backends(config: ModelConfig, device: torch.device,
+                     document_mask: bool = False) -> tuple[str, str]:
     """Pick (transformer_impl, core attention) for a device: 'local'|'transformer_engine',
-    'sdpa'|'local'|'te'. Explicit choices that cannot run on the device are refused."""
+    'sdpa'|'local'|'te'. Explicit choices that cannot run on the device are refused.
+
+    `document_mask` (--reset-attention-mask): the attention must apply an arbitrary mask.
+    transformer-engine's core attention is built causal and ignores the mask it is given, so
+    'auto' then keeps transformer-engine's linears with SDPA attention and 'te' is refused."""
     on_cuda = device.type == "cuda"
     use_te = on_cuda and transformer_engine_available()
     backend = config.attention_backend
     if backend == "auto":
-        return ("transformer_engine", "te") if use_te else ("local", "sdpa")
+        if use_te:
+            return "transformer_engine", "sdpa" if document_mask else "te"
+        return "local", "sdpa"
+    if backend == "te" and document_mask:
+        raise ConfigError(DOCUMENT_MASK_UNDER_TE)
     if backend == "te":
         if not use_te:
             raise ConfigError(

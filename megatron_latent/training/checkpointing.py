@@ -188,7 +188,9 @@ def save_checkpoint(root: str, state: TrainState, engine, scheduler, run_config:
         os.makedirs(rank_dir, exist_ok=True)
     _barrier()
 
-    model_state = engine.model_state()
+    # Only data-parallel rank 0 writes, so only it gathers its shard into host memory; the
+    # optimizer state is still asked of every rank (the distributed optimizer gathers it).
+    model_state = engine.model_state() if dp_rank == 0 else None
     optimizer_state = engine.optimizer_state(rank_dir) if save_optimizer else None
     rng = capture_rng_state(engine.device)
     rng_states = [rng]

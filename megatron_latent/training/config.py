@@ -73,7 +73,8 @@ class TrainingSettings:
     bf16: bool = False
     fp16: bool = False
     loss_scale: float | None = None
-    initial_loss_scale: float = 2.0**32
+    #: None: chosen from the micro-batch size (see engines/megatron.initial_loss_scale).
+    initial_loss_scale: float | None = None
     recompute_granularity: str | None = None
     recompute_num_layers: int = 1
     use_distributed_optimizer: bool = False

@@ -25,6 +25,7 @@ from ..config import ConfigError, count_parameters
 from ..distributed import initialize_parallel
 from ..flops import forward_flops_per_token
 from ..models.registry import MethodSpec, get_method
+from ..models.specs import DOCUMENT_MASK_UNDER_TE
 from . import checkpointing
 from .checkpointing import TrainState
 from .config import RunConfig
@@ -97,6 +98,8 @@ def validate_run(run: RunConfig, spec: MethodSpec, world_size: int, device: torc
                 f"--pipeline-model-parallel-size {run.parallel.pipeline_model_parallel_size}")
     if run.parallel.sequence_parallel and run.model.seq_length % run.parallel.tensor_model_parallel_size:
         raise ConfigError("--seq-length must be divisible by TP under --sequence-parallel")
+    if run.data.reset_attention_mask and run.model.attention_backend == "te":
+        raise ConfigError(DOCUMENT_MASK_UNDER_TE)
     if run.training.fp16 and device.type != "cuda":
         raise ConfigError("--fp16 needs CUDA; use fp32 or --bf16 on the CPU")
     if run.training.use_distributed_optimizer and device.type != "cuda":

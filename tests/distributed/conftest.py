@@ -22,10 +22,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def world():
-    """Join the torchrun world (gloo) once; yields (rank, world_size)."""
+    """Join the torchrun world (gloo, CPU, also on a machine with GPUs) once; yields
+    (rank, world_size)."""
     from megatron_latent.distributed import ParallelConfig, initialize_parallel
 
-    initialize_parallel(ParallelConfig(), seed=1234)
+    initialize_parallel(ParallelConfig(), torch.device("cpu"), seed=1234)
     yield dist.get_rank(), dist.get_world_size()
     dist.barrier()
 

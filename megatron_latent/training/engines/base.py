@@ -76,6 +76,19 @@ def is_finite(value: float | None) -> bool:
     return value is None or math.isfinite(value)
 
 
+def any_rank_has_nonfinite(tensors: list[Tensor], device: torch.device, group=None) -> bool:
+    """Whether any of `tensors`, on any rank of `group` (default: every rank), holds a NaN or
+    an Inf. One reduction per tensor and one collective; no full-size temporaries (a NaN or
+    Inf anywhere makes a tensor's sum non-finite)."""
+    flag = torch.zeros(1, dtype=torch.float32, device=device)
+    for tensor in tensors:
+        if tensor.numel():
+            flag += (~torch.isfinite(tensor.detach().float().sum())).float()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(flag.item() > 0)
+
+
 class Engine(ABC):
     """Device-specific half of training; the loop (trainer.py) is the other half."""
 

@@ -69,6 +69,7 @@ class CPUEngine(Engine):
         runtime = RuntimeOptions(
             tensor_model_parallel_size=run.parallel.tensor_model_parallel_size,
             sequence_parallel=run.parallel.sequence_parallel,
+            document_mask=run.data.reset_attention_mask,
         )
         model_config = self.method.prepare_model_config(run.model, self.method_options)
         self.model = self.method.build_model(model_config, runtime, self.device,

@@ -10,6 +10,7 @@ token count: the same objective as the CPU engine.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 from typing import Any
@@ -29,12 +30,19 @@ from torch import Tensor
 
 from ...config import ConfigError
 from ...models.hf_gpt_neox import load_canonical, model_to_canonical
-from ...models.language_model import RuntimeOptions
+from ...models.language_model import (
+    RuntimeOptions,
+    gradient_accumulation_fusion_available,
+    rope_fusion_available,
+)
+from ..config import RunConfig
 from .base import (
     Engine,
     EvalResult,
     NonFiniteLossError,
     StepResult,
+    any_rank_has_nonfinite,
+    is_finite,
     split_model_output,
 )
 
@@ -44,6 +52,45 @@ except ImportError:  # pragma: no cover - older megatron-core
     get_standard_config_overrides = None
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
+
+#: fp16's first dynamic loss scale per loss token. Megatron-LM starts at 2^32 on a per-token
+#: *mean* loss and halves it on each overflow (GPT runs settle near 2^13-2^17: about 15
+#: skipped iterations). Here the micro-batch loss is a per-token *sum*, whose gradients are
+#: tokens-per-micro-batch times larger, so 2^32 would mean ~30 skipped iterations at 16k
+#: tokens. Starting at 2^16 per token begins inside the usual settled range.
+INITIAL_LOSS_SCALE_PER_TOKEN = 2.0**16
+
+
+def initial_loss_scale(tokens_per_microbatch: int) -> float:
+    """The default first fp16 loss scale for a per-token-sum loss over
+    `tokens_per_microbatch` tokens: 2^16 / tokens, rounded down to a power of two, >= 1."""
+    scale = INITIAL_LOSS_SCALE_PER_TOKEN / max(tokens_per_microbatch, 1)
+    return float(2.0 ** max(0, math.floor(math.log2(scale)))) if scale >= 1 else 1.0
+
+
+def cuda_runtime_options(run: RunConfig) -> RuntimeOptions:
+    """How the CUDA engine runs the model: precision, layout, and the fusions that are exact
+    for Pythia and available here (weight-gradient accumulation into fp32 main grads, which
+    needs apex's kernel for megatron-core's own linears; transformer-engine's fused rotary,
+    which handles partial rotary — the unrotated dims pass through — but takes one set of
+    positions for the whole batch, so not with --reset-position-ids). Bias-GeLU fusion stays
+    off: it is the tanh approximation, not Pythia's exact GeLU."""
+    training = run.training
+    return RuntimeOptions(
+        tensor_model_parallel_size=run.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run.parallel.pipeline_model_parallel_size,
+        sequence_parallel=run.parallel.sequence_parallel,
+        params_dtype=(torch.bfloat16 if training.bf16 else
+                      torch.float16 if training.fp16 else torch.float32),
+        bf16=training.bf16,
+        fp16=training.fp16,
+        recompute_granularity=training.recompute_granularity,
+        recompute_num_layers=training.recompute_num_layers,
+        use_cpu_initialization=False,
+        document_mask=run.data.reset_attention_mask,
+        gradient_accumulation_fusion=gradient_accumulation_fusion_available(),
+        apply_rope_fusion=rope_fusion_available() and not run.data.reset_position_ids,
+    )
 
 
 class MegatronEngine(Engine):
@@ -60,19 +107,8 @@ class MegatronEngine(Engine):
         if pp > 1 and not self.method.supports_pipeline_parallel:
             raise ConfigError(self.method.pipeline_refusal
                               or f"method {self.method.name!r} does not support PP > 1")
-        params_dtype = (torch.bfloat16 if training.bf16 else
-                        torch.float16 if training.fp16 else torch.float32)
-        runtime = RuntimeOptions(
-            tensor_model_parallel_size=run.parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=pp,
-            sequence_parallel=run.parallel.sequence_parallel,
-            params_dtype=params_dtype,
-            bf16=training.bf16,
-            fp16=training.fp16,
-            recompute_granularity=training.recompute_granularity,
-            recompute_num_layers=training.recompute_num_layers,
-            use_cpu_initialization=False,
-        )
+        runtime = cuda_runtime_options(run)
+        params_dtype = runtime.params_dtype
         model_config = self.method.prepare_model_config(run.model, self.method_options)
         model = self.method.build_model(
             model_config, runtime, self.device, self.method_options,
@@ -105,7 +141,9 @@ class MegatronEngine(Engine):
             fp16=training.fp16,
             params_dtype=params_dtype,
             loss_scale=training.loss_scale,
-            initial_loss_scale=training.initial_loss_scale,
+            initial_loss_scale=(
+                training.initial_loss_scale if training.initial_loss_scale is not None
+                else initial_loss_scale(training.micro_batch_size * run.model.seq_length)),
             use_distributed_optimizer=training.use_distributed_optimizer,
         )
         overrides = (get_standard_config_overrides(self.optimizer_config)
@@ -177,20 +215,38 @@ class MegatronEngine(Engine):
         return {key: (totals[i, 0].item(), totals[i, 1].item()) for i, key in enumerate(keys)}
 
     # -- the step ---------------------------------------------------------------------------
+    def _gradient_buffers(self) -> list[Tensor]:
+        """The DDP wrappers' contiguous gradient buffers (every parameter's gradient)."""
+        return [buffer.grad_data for chunk in self.model_chunks
+                for buffer in [*chunk.buffers, *getattr(chunk, "expert_parallel_buffers", [])]]
+
     def train_step(self, microbatches: list[dict[str, Tensor]]) -> StepResult:
         for chunk in self.model_chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._run_schedule(microbatches, forward_only=False)
-        update_successful, grad_norm, _ = self.optimizer.step()
         reduced = self._reduce_reports(reports)
         lm_sum, tokens = reduced.get("lm loss", (float("nan"), 0.0))
         lm_loss = lm_sum / max(tokens, 1.0)
         aux = {k: v / max(t, 1.0) for k, (v, t) in reduced.items() if k != "lm loss"}
-        grad_norm_value = float(grad_norm) if grad_norm is not None else None
-        nan = not (torch.isfinite(torch.tensor(lm_loss)) and
-                   (grad_norm_value is None or torch.isfinite(torch.tensor(grad_norm_value))))
+        # fp16's loss scaler finds Inf/NaN gradients itself (it skips the step and lowers the
+        # scale). Without one (bf16, fp32) megatron-core's optimizer would apply them: a NaN
+        # norm is never clipped. So the step is skipped here, as the CPU engine does and as
+        # Megatron-LM's --check-for-nan-in-loss-and-grad stops it.
+        grad_norm_value: float | None = None
+        if self.run.training.fp16:  # megatron-core's fp16 optimizer always has a loss scaler
+            update_successful, grad_norm, _ = self.optimizer.step()
+            finite = math.isfinite(lm_loss)  # an overflow skip is fp16's normal dynamics
+        else:
+            finite = math.isfinite(lm_loss) and not any_rank_has_nonfinite(
+                self._gradient_buffers(), self.device)
+            update_successful, grad_norm = False, None
+            if finite:
+                update_successful, grad_norm, _ = self.optimizer.step()
+        if grad_norm is not None:
+            grad_norm_value = float(grad_norm)
+        nan = not finite or not is_finite(grad_norm_value)
         if nan and self.run.training.exit_on_nan:
             raise NonFiniteLossError(
                 f"non-finite loss {lm_loss} / grad norm {grad_norm_value} (--exit-on-nan)")
