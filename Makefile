@@ -2,6 +2,8 @@
 #   make install   create .venv and install the package with its test tools
 #   make test      lint + unit tests + 2-process (gloo) distributed tests
 #   make demo      the whole pipeline, tiny, on CPU
+#   make gpu-check on a host with one GPU and torch (no venv, no installs): GPU tests, unit
+#                  tests and the throughput benchmark, with a summary (docs/gpu.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,6 +44,11 @@ test: lint test-unit test-distributed
 
 demo: install
 	$(BIN)/python examples/demo.py
+
+# Uses $(PYTHON) as it is (the NGC container's python3): the project from this checkout.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
