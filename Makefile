@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test-unit: install
-	$(BIN)/python -m pytest -q tests --ignore=tests/distributed -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests --ignore=tests/distributed --ignore=tests/gpu -m "not slow" $(PYTEST_ARGS)
 
 test-distributed: install
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 \

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto = CUDA engine when a GPU is visible, else the CPU engine")
     add("--exit-on-nan", action="store_true",
         help="stop at the first NaN/Inf loss or gradient (default: skip the step and count it)")
+    add("--deterministic-mode", action="store_true",
+        help="bit-reproducible runs (slower): torch's deterministic algorithms, a fixed cuBLAS "
+             "workspace, and the math kernel for SDPA attention (the fused kernels' backward "
+             "accumulates with atomics)")
     add("--exit-interval", type=int, default=None, help="exit after an iteration divisible by this")
     add("--exit-duration-in-mins", type=float, default=None)
     add("--num-workers", type=int, default=None, help="data loader worker processes")
@@ -261,6 +265,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         overlap_grad_reduce=_pick(args.overlap_grad_reduce, None, True),
         device=_pick(args.device, None, "auto"),
         exit_on_nan=args.exit_on_nan,
+        deterministic=args.deterministic_mode,
         exit_interval=args.exit_interval,
         exit_duration_in_mins=args.exit_duration_in_mins,
         num_workers=_pick(args.num_workers, None, 1),

@@ -75,6 +75,18 @@ def init_process_group(device: torch.device, timeout_minutes: float = 10.0) -> N
                                 init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
+#: Whether megatron-core's device queries currently answer "cpu" (see compat).
+_routed_to_cpu = [False]
+
+
+def _reset_global_memory_buffer() -> None:
+    """megatron-core keys its reusable buffers by name and dtype, not device: once the process
+    switches between CPU and CUDA compute, buffers made for the other device must go."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_global_memory_buffer()
+        parallel_state._set_global_memory_buffer()
+
+
 def initialize_parallel(
     parallel: ParallelConfig, device: torch.device | None = None, seed: int = 1234
 ) -> torch.device:
@@ -83,7 +95,9 @@ def initialize_parallel(
     Returns the device this rank computes on. Safe to call again with the same layout.
     """
     device = device or default_device()
-    route_cuda_device_queries(device)
+    if route_cuda_device_queries(device) != _routed_to_cpu[0]:
+        _routed_to_cpu[0] = not _routed_to_cpu[0]
+        _reset_global_memory_buffer()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel.validate(world_size)
     init_process_group(device)

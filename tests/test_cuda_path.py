@@ -212,3 +212,80 @@ def test_transformer_engine_pins_follow_megatron_core():
     for candidate in ["2.8.0", "2.9.0", "2.10.1", "2.11.0", "2.12.0", "1.13.0"]:
         assert (candidate in ours_spec) == (candidate in theirs), candidate
     assert f"SpecifierSet('{ours.group(1)}'" in (root / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("chunk", [2**26, 40])  # one chunk; many (a few rows each)
+def test_top_k_row_mixture_and_its_gradients_match_autograd(monkeypatch, chunk):
+    """The top-k mixture Σ w·W[idx] (written for bf16 on CUDA, where embedding_bag's
+    per-sample-weight backward is missing) against autograd of gather-and-sum in float64."""
+    from megatron_latent.models import pondering
+
+    monkeypatch.setattr(pondering, "ROW_SUM_CHUNK_ELEMENTS", chunk)
+    generator = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 50, (13, 4), generator=generator)
+    index[0] = torch.tensor([7, 7, 7, 2])  # a row chosen twice accumulates twice
+    weights = torch.rand(13, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(50, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    out = pondering._WeightedRowSum.apply(weights, index, table)
+    upstream = torch.randn(13, 6, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * upstream).sum(), (weights, table))
+
+    expected = (weights.unsqueeze(-1) * table[index]).sum(1)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (weights, table))
+    # The mixture is accumulated in fp32 (its output dtype), so fp32-level agreement.
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    bf16 = pondering._WeightedRowSum.apply(weights.detach().bfloat16().requires_grad_(), index,
+                                           table.detach().bfloat16().requires_grad_())
+    assert bf16.dtype == torch.float32
+    bf16.sum().backward()  # the bf16 backward exists (on CUDA embedding_bag's does not)
+
+
+def test_switching_compute_device_drops_megatron_buffers_made_for_the_other(monkeypatch):
+    """megatron-core reuses its global buffers by (name, dtype): a buffer allocated while the
+    process computed on the CPU must not be handed to the CUDA model built next."""
+    from megatron.core import parallel_state
+
+    from megatron_latent.distributed import ParallelConfig, initialize_parallel
+
+    initialize_parallel(ParallelConfig(), torch.device("cpu"))
+    before = parallel_state.get_global_memory_buffer()
+    before.get_tensor((3,), torch.float32, "mpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr("megatron_latent.distributed.set_seed", lambda seed, device: None)
+    initialize_parallel(ParallelConfig(), torch.device("cuda", 0))
+    after = parallel_state.get_global_memory_buffer()
+    assert after is not before and not after.buffer
+    monkeypatch.undo()
+    initialize_parallel(ParallelConfig(), torch.device("cpu"))  # back to the CPU for the rest
+    assert parallel_state.get_global_memory_buffer() is not after
+
+
+def test_deterministic_mode_switches_torch_to_deterministic_kernels(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    prefix = write_token_dataset(str(tmp_path / "data" / "tokens"))
+    tokenizer = write_wordlevel_tokenizer(str(tmp_path / "tokenizer"))
+    argv = TINY_FLAGS + [
+        "--data-path", prefix, "--split", "90,10,0", "--tokenizer-type", "HuggingFaceTokenizer",
+        "--tokenizer-model", tokenizer, "--micro-batch-size", "2", "--global-batch-size", "2",
+        "--train-iters", "2", "--eval-iters", "0"]
+    try:
+        first, _ = run_training(argv + ["--deterministic-mode"])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        second, _ = run_training(argv + ["--deterministic-mode"])
+        assert [h["lm_loss"] for h in first.history] == [h["lm_loss"] for h in second.history]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+        if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+            torch.backends.cuda.enable_cudnn_sdp(True)

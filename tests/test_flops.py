@@ -1,8 +1,9 @@
 """FLOPs formulas of the plain and the pondering method against an independent count:
 torch's FlopCounterMode on an actual forward (and backward) of the tiny model.
 
-FlopCounterMode counts matmuls itself; it has no formula for the CPU attention kernel or
-for embedding_bag, so those are given here from their definitions (2 FLOPs per multiply-add).
+FlopCounterMode counts matmuls itself; it has no formula for the CPU attention kernel, for
+embedding_bag or for the scatter-add of the top-k mixture's table gradient, so those are given
+here from their definitions (2 FLOPs per multiply-add).
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def bag_sample_weight_backward(grad, weight, indices, *args, **kwargs) -> int:
     return 2 * indices[0] * weight[1]
 
 
+def scatter_add(target, dim, index, source, *args, **kwargs) -> int:
+    # The top-k mixture's table gradient: rows w * dU added onto the chosen rows; the
+    # elementwise product and the add are one multiply-add per element.
+    count = 1
+    for size in source:
+        count *= size
+    return 2 * count
+
+
 CUSTOM = {
     aten._scaled_dot_product_flash_attention_for_cpu: attention_forward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward,
@@ -48,6 +58,8 @@ CUSTOM = {
     aten._embedding_bag_forward_only: bag_forward,
     aten._embedding_bag_backward: bag_weight_backward,
     aten._embedding_bag_per_sample_weights_backward: bag_sample_weight_backward,
+    aten.index_add: scatter_add,
+    aten.index_add_: scatter_add,
 }
 
 

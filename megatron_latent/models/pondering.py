@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import (
@@ -190,6 +189,57 @@ class _ExpWeightedRows(torch.autograd.Function):
         return grad_logits, None, grad_table
 
 
+#: Rows x chosen tokens x hidden elements gathered at once by _WeightedRowSum (~256 MiB fp32).
+ROW_SUM_CHUNK_ELEMENTS = 2**26
+
+
+class _WeightedRowSum(torch.autograd.Function):
+    """Σ_j w[i, j] · table[index[i, j]] for [N, n] weights and indices, in fp32: the top-k
+    mixture. Gathers the chosen rows in bounded chunks (no [N, n, h] tensor is kept for the
+    backward), and works for bf16 tables on CUDA, where embedding_bag's backward for
+    per-sample weights does not exist. d w = rows · d out; d table = Σ w · d out, scattered
+    back onto the chosen rows (accumulated in fp32)."""
+
+    @staticmethod
+    def _chunks(count: int, per_row: int) -> list[slice]:
+        step = max(1, ROW_SUM_CHUNK_ELEMENTS // max(per_row, 1))
+        return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, index: Tensor, table: Tensor) -> Tensor:
+        count, chosen = index.shape
+        out = torch.empty(count, table.shape[1], dtype=torch.float32, device=table.device)
+        for part in _WeightedRowSum._chunks(count, chosen * table.shape[1]):
+            rows = table.index_select(0, index[part].reshape(-1)).view(-1, chosen, table.shape[1])
+            out[part] = torch.bmm(weights[part].float().unsqueeze(1), rows.float()).squeeze(1)
+        ctx.save_for_backward(weights, index, table)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weights, index, table = ctx.saved_tensors
+        count, chosen = index.shape
+        hidden = table.shape[1]
+        grad = grad.float()
+        grad_weights = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = torch.empty(count, chosen, dtype=weights.dtype, device=weights.device)
+        if ctx.needs_input_grad[2]:
+            grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+        for part in _WeightedRowSum._chunks(count, chosen * hidden):
+            flat_index = index[part].reshape(-1)
+            if grad_weights is not None:
+                rows = table.index_select(0, flat_index).view(-1, chosen, hidden).float()
+                grad_weights[part] = torch.bmm(rows, grad[part].unsqueeze(-1)).squeeze(-1).to(
+                    weights.dtype)
+            if grad_table is not None:
+                spread = weights[part].float().unsqueeze(-1) * grad[part].unsqueeze(1)
+                grad_table.index_add_(0, flat_index, spread.view(-1, hidden))
+        if grad_table is not None:
+            grad_table = grad_table.to(table.dtype)
+        return grad_weights, None, grad_table
+
+
 def mix_input_embeddings(
     logits: Tensor,
     table: Tensor,
@@ -220,10 +270,8 @@ def mix_input_embeddings(
         chosen, shift = _global_top_k(values.detach(), top_k, group if world > 1 else None)
         weights = torch.exp(values - shift.unsqueeze(-1)) * chosen.to(values.dtype)
         n = values.shape[-1]
-        partial = F.embedding_bag(
-            index.reshape(-1, n), table, per_sample_weights=weights.reshape(-1, n).to(table.dtype),
-            mode="sum",
-        ).view(s, b, -1)
+        partial = _WeightedRowSum.apply(weights.reshape(-1, n), index.reshape(-1, n), table)
+        partial = partial.view(s, b, -1)
         # Normaliser and partial mixture travel together, reduced in fp32.
         packed = torch.cat([partial.float(),
                             weights.sum(dim=-1, keepdim=True, dtype=torch.float32)], dim=-1)

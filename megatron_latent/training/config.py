@@ -81,6 +81,7 @@ class TrainingSettings:
     overlap_grad_reduce: bool = True
     device: str = "auto"
     exit_on_nan: bool = False
+    deterministic: bool = False
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
     num_workers: int = 1

@@ -74,6 +74,20 @@ def training_flops_per_token(run: RunConfig, spec: MethodSpec, options: Any) -> 
     return forward * (4.0 if run.training.recompute_granularity == "full" else 3.0)
 
 
+def use_deterministic_algorithms() -> None:
+    """--deterministic-mode: the same results for the same seed and data, run after run
+    (slower). Also pins cuBLAS's workspace (needed before the first CUDA matmul) and keeps
+    SDPA on its math kernel, whose backward does not accumulate with atomics."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def validate_run(run: RunConfig, spec: MethodSpec, world_size: int, device: torch.device) -> None:
     """Every check that needs no model: raises ConfigError naming the flag or path."""
     run.training.validate()
@@ -255,6 +269,8 @@ class Trainer:
         run.model.validate(run.parallel.tensor_model_parallel_size)
         check_vocab_against_checkpoint(run)
 
+        if run.training.deterministic:
+            use_deterministic_algorithms()
         initialize_parallel(run.parallel, self.device, seed=run.training.seed)
         self.save_lock = lock_save_directory(run.checkpoint.save)
         try:

@@ -73,20 +73,11 @@ def cuda(use_device) -> torch.device:
 
 
 # -- pretrain.py as a subprocess ----------------------------------------------------------
-#: Runs pretrain.py after optional test-only hooks, chosen by environment variables:
-#: GPU_TEST_DETERMINISTIC=1  deterministic algorithms and the math SDPA kernel (until the
-#:                           trainer has a flag for it);
+#: Runs pretrain.py after an optional test-only hook, chosen by an environment variable:
 #: GPU_TEST_NAN_CALLS=5,6    the loss of the 5th and 6th micro-batch the CUDA engine sees is
 #:                           multiplied by NaN (mirrors tests/test_training.py on the CPU).
 LAUNCHER = r"""
 import os, runpy, sys
-import torch
-if os.environ.get("GPU_TEST_DETERMINISTIC") == "1":
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cuda.enable_flash_sdp(False)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
-        torch.backends.cuda.enable_cudnn_sdp(False)
 calls = os.environ.get("GPU_TEST_NAN_CALLS")
 if calls:
     from megatron_latent.training.engines import megatron as engine
@@ -104,13 +95,6 @@ script = os.path.join(os.getcwd(), "pretrain.py")
 sys.argv = [script, *sys.argv[1:]]
 runpy.run_path(script, run_name="__main__")
 """
-
-
-def trainer_has_flag(flag: str) -> bool:
-    """Whether pretrain.py accepts `flag` (checked on its parser, in this process)."""
-    from megatron_latent.arguments import build_parser
-
-    return any(flag in action.option_strings for action in build_parser()._actions)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -205,10 +189,9 @@ def checkpoint_at(source: Path, iteration: int, target: Path) -> Path:
 def pretrain() -> SimpleNamespace:
     """pretrain.py subprocesses and what they leave: `run(argv, log, env, expect_failure)`,
     `wait(*runs)`, `records(metrics.jsonl)`, `weights(root, iteration)`,
-    `checkpoint_at(source, iteration, target)`, `has_flag(flag)`."""
+    `checkpoint_at(source, iteration, target)`."""
     return SimpleNamespace(run=PretrainRun, wait=run_all, records=train_records,
-                           weights=checkpoint_weights, checkpoint_at=checkpoint_at,
-                           has_flag=trainer_has_flag)
+                           weights=checkpoint_weights, checkpoint_at=checkpoint_at)
 
 
 @pytest.fixture(scope="session")

@@ -110,13 +110,9 @@ def resume_flags(corpus) -> list[str]:
 
 
 def deterministic_setup(pretrain) -> tuple[list[str], dict[str, str]]:
-    """Flags and environment for bit-reproducible fp32 CUDA runs. The trainer has no such
-    flag yet; until it does, the test launcher switches torch's deterministic algorithms and
-    the math SDPA kernel on (the fused SDPA backward kernels accumulate with atomics)."""
-    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-    if pretrain.has_flag("--deterministic"):
-        return ["--deterministic"], env
-    return [], {**env, "GPU_TEST_DETERMINISTIC": "1"}
+    """Flags and environment for bit-reproducible fp32 CUDA runs: the trainer's
+    --deterministic-mode (torch's deterministic algorithms, the math SDPA kernel)."""
+    return ["--deterministic-mode"], {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
 @pytest.fixture(scope="module")
