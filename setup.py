@@ -20,11 +20,12 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.44", "wandb>=0.17",
-            "lm-eval>=0.4.13,<0.5", "scipy>=1.10", "matplotlib>=3.7"],
+            "lm-eval>=0.4.13,<0.5", "accelerate>=0.26", "scipy>=1.10", "matplotlib>=3.7"],
     # megatron-core 0.16.1 is built and tested against these transformer-engine releases.
     "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
     "wandb": ["wandb>=0.17"],
-    "eval": ["lm-eval>=0.4.13,<0.5", "transformers>=4.44", "scipy>=1.10", "matplotlib>=3.7"],
+    "eval": ["lm-eval>=0.4.13,<0.5", "transformers>=4.44", "accelerate>=0.26", "scipy>=1.10",
+             "matplotlib>=3.7"],
 }
 
 setup(

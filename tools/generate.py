@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate text from a checkpoint of any method (KV-cached; one cache per pondering pass).
+r"""Generate text from a checkpoint of any method (KV-cached; one cache per pondering pass).
 
     python tools/generate.py --load ckpt/ --prompt "ROMEO:" --max-new-tokens 64 --top-p 0.9
     torchrun --nproc_per_node 2 tools/generate.py --load ckpt/ --tensor-model-parallel-size 2 \

@@ -1,0 +1,413 @@
+"""lm-evaluation-harness (0.4.13) backend for checkpoints of every method, at any TP size.
+
+Registered as ``megatron_latent``::
+
+    import megatron_latent.evaluation.lm_backend  # registers the model name
+    lm_eval.simple_evaluate(model="megatron_latent", model_args={"load": "ckpt/"}, tasks=[...])
+
+Model args: ``load`` (checkpoint directory), ``iteration``, ``tensor_model_parallel_size`` (or
+``tp``), ``batch_size``, ``max_length`` (default: the run's seq length), ``max_gen_toks``,
+``device`` (auto/cpu/cuda/cuda:N), ``dtype`` (auto: bf16 on CUDA, fp32 on the CPU),
+``tokenizer_type``/``tokenizer_model``/``vocab_file``/``merge_file``, ``prefix_token_id``,
+``seed`` (sampling in generate_until).
+
+Scores come from the method model's own forward (pondering passes included): logits sharded
+over the vocabulary ([b, s, V/tp]) are reduced TP-aware (max, log-sum-exp, argmax, target
+logit), never gathered whole. The softmax runs over the model's whole (padded) vocabulary, as
+training's loss and an exported Hugging Face model do. lm-eval's ``rank``/``world_size`` are
+the data-parallel rank/size: the TP ranks of one replica receive the same requests, run the
+same forwards and return the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, normalize_gen_kwargs
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from ..config import ConfigError
+from ..distributed import tp_group, tp_rank, tp_size
+from ..inference.generation import generate_with_details
+from ..inference.loading import LoadedModel, load_model_for_inference
+from ..inference.sampling import GenerationConfig
+from ..inference.stepping import max_positions, sequence_parallel_disabled
+
+logger = logging.getLogger(__name__)
+
+#: Scored positions whose vocabulary rows are reduced at once (each row V/tp floats).
+_SCORED_PER_CHUNK = 4096
+
+#: One scoring request as TemplateLM builds it: ((context, continuation) or None, ids, ids).
+TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """auto/None: a GPU when present, else the CPU. A GPU is cuda:LOCAL_RANK under torchrun
+    (lm-eval's CLI passes "cuda:0" to every rank); CUDA asked for where there is none falls
+    back to the CPU with a warning, as lm-eval's HF backend does."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            logger.warning("device %s asked for but CUDA is not available: using the CPU", name)
+            return torch.device("cpu")
+        if name == "cuda" or "LOCAL_RANK" in os.environ:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None for auto (bf16 on CUDA, fp32 on the CPU: the loader's choice)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+def _all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(tp_size())]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group())
+    return torch.stack(parts)
+
+
+def vocab_parallel_scores(logits: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), argmax) per row of this rank's vocab shard of logits [n, V/tp].
+
+    Exact over the whole vocabulary on every TP rank: max, sum of exponentials and the
+    target's logit are reduced over the TP group; argmax ties go to the lowest id, as torch's.
+    """
+    logits = logits.float()
+    local_arg = logits.argmax(dim=-1)
+    if tp_size() == 1:
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1), local_arg
+    shard = logits.shape[-1]
+    start = tp_rank() * shard
+    local_max = logits.gather(-1, local_arg.unsqueeze(-1)).squeeze(-1)
+    maxes = _all_gather_stacked(local_max)  # [tp, n]
+    args = _all_gather_stacked(local_arg + start)
+    best = maxes.argmax(dim=0, keepdim=True)  # first (lowest-id) shard on ties
+    top = maxes.gather(0, best)[0]
+    argmax = args.gather(0, best)[0]
+    sum_exp = torch.exp(logits - top.unsqueeze(-1)).sum(dim=-1)
+    dist.all_reduce(sum_exp, group=tp_group())
+    mine = (targets >= start) & (targets < start + shard)
+    local = (targets - start).clamp(0, shard - 1).unsqueeze(-1)
+    picked = torch.where(mine, logits.gather(-1, local).squeeze(-1), 0.0)
+    dist.all_reduce(picked, group=tp_group())
+    return picked - top - sum_exp.log(), argmax
+
+
+# lm_eval.models (imported above for its utils) has registered lm-eval's own model names
+# first: its registry fills itself only while empty.
+@register_model("megatron_latent")
+class MegatronLatentLM(TemplateLM):
+    """lm-eval's LM for this project's checkpoints (every registered method, any TP)."""
+
+    def __init__(
+        self,
+        load: str | None = None,
+        iteration: int | None = None,
+        tensor_model_parallel_size: int | None = None,
+        tp: int | None = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        tokenizer_type: str | None = None,
+        tokenizer_model: str | None = None,
+        vocab_file: str | None = None,
+        merge_file: str | None = None,
+        prefix_token_id: int | None = None,
+        seed: int = 0,
+        max_batch_size: int | None = None,  # lm-eval passes it; batches are fixed-size here
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        super().__init__()
+        if tp is not None and tensor_model_parallel_size not in (None, tp):
+            raise ConfigError(f"tp={tp} and tensor_model_parallel_size="
+                              f"{tensor_model_parallel_size} disagree")
+        tp_size_arg = int(tensor_model_parallel_size or tp or 1)
+        if str(batch_size).startswith("auto"):
+            raise ConfigError("batch_size=auto is not supported; give a number")
+        self._batch_size = int(batch_size)
+        if self._batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if loaded is None:
+            if not load:
+                raise ConfigError("model_args need load=<checkpoint directory>")
+            loaded = load_model_for_inference(
+                str(load), None if iteration is None else int(iteration), tp_size_arg,
+                resolve_device(device),
+                {"tokenizer_type": tokenizer_type, "tokenizer_model": tokenizer_model,
+                 "vocab_file": vocab_file, "merge_file": merge_file},
+                dtype=resolve_dtype(dtype))
+        if loaded.tokenizer is None:
+            raise ConfigError(f"{load or 'the model'} records no tokenizer; give tokenizer_type "
+                              "and tokenizer_model")
+        self.loaded = loaded
+        self.model = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.load = load
+        param = next(self.model.parameters())
+        self._device = param.device
+        self._dtype = param.dtype
+        limit = max_positions(self.model)
+        self._max_length = int(max_length or loaded.run.model.seq_length)
+        if limit is not None and self._max_length > limit:
+            raise ConfigError(f"max_length {self._max_length} exceeds the model's "
+                              f"max_position_embeddings {limit}")
+        self._max_gen_toks = int(max_gen_toks)
+        self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
+        self.seed = int(seed)
+        #: Right-padding value; any id gives the same scores (causal model, padding after them).
+        self.pad_token_id = self.eot_token_id
+        self._rank = parallel_state.get_data_parallel_rank()
+        self._world_size = parallel_state.get_data_parallel_world_size()
+        self._show_progress = not dist.is_initialized() or dist.get_rank() == 0
+
+    # -- what lm-eval asks of a model ------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eod)
+
+    @property
+    def prefix_token_id(self) -> int:
+        """Context of an empty context and of the first rolling window: the end-of-document
+        token, which is what precedes every document in this project's training data
+        (preprocessing appends it; no BOS is inserted, so a SentencePiece `<s>` was never
+        seen). lm-eval's HF backend prefers BOS when the tokenizer has one: compare with it
+        by passing the same `prefix_token_id` to both."""
+        if self._prefix_token_id is not None:
+            return self._prefix_token_id
+        return self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"{type(self.tokenizer).__name__}:{self.tokenizer.path}".replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   **kwargs: Any) -> list[int]:
+        return list(self.tokenizer.tokenize(string))
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(list(tokens))
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Recorded by lm-eval in ``results["config"]``."""
+        run = self.loaded.run
+        return {"checkpoint": None if self.load is None else str(self.load),
+                "iteration": self.loaded.iteration, "method": run.method,
+                "method_args": dict(run.method_args),
+                "tensor_model_parallel_size": tp_size(),
+                "model_dtype": str(self._dtype), "max_length": self.max_length,
+                "prefix_token_id": self.prefix_token_id}
+
+    # -- data-parallel hooks (lm-eval's rank = the DP rank) --------------------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every DP rank's tensor (0-d tensors become one entry each)."""
+        if self.world_size == 1:
+            return tensor
+        tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(),
+                        group=parallel_state.get_data_parallel_group())
+        return torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every DP rank's object, on DP rank ``dst`` (None elsewhere)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=parallel_state.get_data_parallel_group())
+        return gathered if self.rank == dst else None
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    # -- scoring ---------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm or not self._show_progress)
+
+    @torch.no_grad()
+    def _score_batch(self, inputs: list[list[int]], asks: list[list[tuple[int, list[int]]]]
+                     ) -> list[list[tuple[float, bool]]]:
+        """One forward over right-padded `inputs`; for each row, each (start, tokens) ask:
+        (Σ log p(tokens[j] | row[:start + j + 1]), whether every token is the argmax)."""
+        width = max(len(row) for row in inputs)
+        batch = torch.full((len(inputs), width), self.pad_token_id, dtype=torch.long)
+        rows, positions, targets = [], [], []
+        for index, (row, row_asks) in enumerate(zip(inputs, asks)):
+            batch[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+            for start, tokens in row_asks:
+                # Causal attention: position p sees tokens 0..p only, so the padding placed
+                # after len(row) cannot reach a scored position (all < len(row)).
+                assert 0 <= start and start + len(tokens) <= len(row)
+                rows += [index] * len(tokens)
+                positions += range(start, start + len(tokens))
+                targets += tokens
+        with sequence_parallel_disabled(self.model):
+            logits = self.model(batch.to(self._device))  # [b, s, V/tp]
+        rows_t, positions_t, targets_t = (torch.tensor(x, dtype=torch.long, device=self._device)
+                                          for x in (rows, positions, targets))
+        logprobs, greedy = [], []
+        for part in range(0, len(targets), _SCORED_PER_CHUNK):  # bounds the fp32 copies
+            span = slice(part, part + _SCORED_PER_CHUNK)
+            chunk_logprobs, argmax = vocab_parallel_scores(
+                logits[rows_t[span], positions_t[span]], targets_t[span])
+            logprobs += chunk_logprobs.double().tolist()
+            greedy += (argmax == targets_t[span]).tolist()
+        results, offset = [], 0
+        for row_asks in asks:
+            out = []
+            for _, tokens in row_asks:
+                span = slice(offset, offset + len(tokens))
+                out.append((sum(logprobs[span]), all(greedy[span])))
+                offset += len(tokens)
+            results.append(out)
+        return results
+
+    def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
+                              desc: str = "loglikelihood requests",
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """Σ log p(continuation | context) and is_greedy per request.
+
+        Like lm-eval's HF backend, context + continuation is cut from the left to its last
+        max_length + 1 tokens and the model reads all but the last. Requests whose model
+        input is identical (choices of one question sharing all but their last token) share
+        one forward; inputs are sorted longest first and batched with lm-eval's Collator.
+        """
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        by_input: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            if not continuation:
+                results[index] = (0.0, True)
+                continue
+            if len(continuation) > self.max_length:
+                raise ValueError(f"a continuation of {len(continuation)} tokens exceeds "
+                                 f"max_length {self.max_length}")
+            if not context:
+                raise ValueError("a request needs at least one context token")
+            model_input = tuple((list(context) + list(continuation))[-(self.max_length + 1):][:-1])
+            start = len(model_input) - len(continuation)
+            by_input.setdefault(model_input, []).append((index, start, list(continuation)))
+        collator = Collator(list(by_input), sort_fn=lambda key: (-len(key), key))
+        progress = tqdm(total=len(requests), desc=desc,
+                        disable=disable_tqdm or not self._show_progress)
+        progress.update(sum(r is not None for r in results))
+        for chunk in collator.get_batched(n=self.batch_size):
+            asks = [[(start, tokens) for _, start, tokens in by_input[key]] for key in chunk]
+            scores = self._score_batch([list(key) for key in chunk], asks)
+            for key, row_scores in zip(chunk, scores):
+                for (index, _, _), score in zip(by_input[key], row_scores):
+                    results[index] = score
+                    if requests[index][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], score)
+                progress.update(len(row_scores))
+        progress.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents in windows of max_length tokens, exactly as
+        lm-eval's HF backend: the first window is the prefix token and max_length - 1
+        tokens, the next ones disjoint with the longest context; every token scored once."""
+        windows: list[TokenRequest] = []
+        owners: list[int] = []
+        strings = [request.args[0] for request in requests]
+        for index, string in enumerate(strings):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm,
+                                            desc="loglikelihood_rolling windows")
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, scores):
+            totals[owner] += logprob
+        for string, total in zip(strings, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+        return totals
+
+    # -- generation ------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """KV-cached generation (one cache per pondering pass) until a stop string, the
+        end-of-document token or max_gen_toks; the text is cut at the first stop string."""
+        args = [request.args for request in requests]
+        encoded = {context: self.tok_encode(context) for context, _ in args}
+        collator = Collator(args, sort_fn=lambda item: (-len(encoded[item[0]]), item[0]),
+                            group_by="gen_kwargs", group_fn=lambda item: item[1])
+        eos_text = self.tok_decode([self.eot_token_id])
+        progress = tqdm(total=len(args), desc="generate_until requests",
+                        disable=disable_tqdm or not self._show_progress)
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            config, until = self._generation_config(all_kwargs[0])
+            room = self.max_length - config.max_new_tokens
+            prompts = [(encoded[c] or [self.prefix_token_id])[-room:] for c in contexts]
+            outputs = generate_with_details(self.model, prompts, config,
+                                            detokenize=self.tok_decode)
+            for context, output in zip(contexts, outputs):
+                text = output.text if output.text is not None else self.tok_decode(output.tokens)
+                for stop in until + [eos_text]:
+                    if stop:
+                        text = text.split(stop)[0]
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def _generation_config(self, gen_kwargs: dict) -> tuple[GenerationConfig, list[str]]:
+        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        until = [s for s in kwargs.pop("until") if s]
+        max_new = int(kwargs.pop("max_gen_toks"))
+        if max_new >= self.max_length:
+            raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in "
+                             f"max_length {self.max_length}")
+        temperature = float(kwargs.get("temperature") or 0.0)
+        greedy = not kwargs.get("do_sample") or temperature <= 0.0
+        config = GenerationConfig(
+            max_new_tokens=max_new, greedy=greedy, temperature=temperature if not greedy else 1.0,
+            top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
+            seed=int(self.seed if kwargs.get("seed") is None else kwargs["seed"]),
+            stop_token_ids=(self.eot_token_id,),
+            stop_strings=tuple(until))
+        return config, until
