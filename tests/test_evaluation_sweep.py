@@ -216,3 +216,39 @@ def test_size_weighted_groups_get_pooled_continuous_metrics():
     results["results"]["grp"] = {"acc,none": 0.123}  # not the pooled mean: left alone
     sweep_module.add_group_metrics(results)
     assert results["results"]["grp"] == {"acc,none": 0.123}
+
+
+def test_a_shared_heldout_seed_gives_runs_of_other_seeds_one_loss_axis(run_dir, tmp_path):
+    """The run trained with seed 7; swept with --heldout-seed 3 its held-out loss is the loss
+    on seed 3's slice (not the slice its training logged), and its validation fingerprint is
+    the one any run swept with seed 3 gets."""
+    import dataclasses
+
+    import torch
+
+    from megatron_latent.inference.loading import load_model_for_inference
+    from megatron_latent.training.data import build_run_tokenizer
+
+    own = tmp_path / "own"
+    run_sweep(run_dir, own, FakeEvaluate(), iterations=[6])
+    shared = tmp_path / "shared"
+    run_sweep(run_dir, shared, FakeEvaluate(), iterations=[6], heldout_seed=3)
+    own_record = json.loads((own / "iter_0000006.json").read_text())
+    shared_record = json.loads((shared / "iter_0000006.json").read_text())
+
+    run = sweep_module.read_run_config(run_dir, 6)
+    assert run.training.seed == 7
+    seed3 = dataclasses.replace(run, training=dataclasses.replace(run.training, seed=3))
+    tokenizer = build_run_tokenizer(seed3)
+    loaded = load_model_for_inference(run_dir, 6, device=torch.device("cpu"))
+    expected = sweep_module.heldout_losses(
+        loaded.model, seed3, sweep_module.validation_sets(seed3, tokenizer),
+        torch.device("cpu"))
+    assert shared_record["valid_loss"]["validation"] == pytest.approx(
+        expected["validation"], rel=1e-6)
+    assert shared_record["valid_loss"]["validation"] != pytest.approx(
+        own_record["valid_loss"]["validation"], rel=1e-6)
+    assert shared_record["fingerprints"]["validation_data"] == \
+        sweep_module.fingerprints(seed3, tokenizer)["validation_data"]
+    assert shared_record["fingerprints"]["validation_data"] != \
+        own_record["fingerprints"]["validation_data"]

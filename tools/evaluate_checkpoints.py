@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="default: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--heldout-seed", type=int, default=None,
+                        help="seed of the held-out slice the validation loss is computed on "
+                        "(default: the run's own, as its training logs); give runs trained "
+                        "with different seeds the same value to put them on one loss axis")
     return parser.parse_args(argv)
 
 
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cpu")
     settings = SweepSettings(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                             include_path=args.include_path, seed=args.seed, dtype=args.dtype)
+                             include_path=args.include_path, seed=args.seed, dtype=args.dtype,
+                             heldout_seed=args.heldout_seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         sweep(args.run_dir, settings, output_dir=args.output_dir, every=args.every,

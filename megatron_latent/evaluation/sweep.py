@@ -390,6 +390,10 @@ class SweepSettings:
     include_path: str | None = None
     seed: int = 1234
     dtype: str | None = None
+    #: Seed of the held-out slice (the validation samples' order); None: the run's own seed,
+    #: i.e. the slice its training logs scored. Runs trained with different seeds share one
+    #: held-out set, and one loss axis, only when they are swept with the same value here.
+    heldout_seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,7 +401,7 @@ class SweepSettings:
         return {"tasks": sorted(self.tasks), "num_fewshot": self.num_fewshot,
                 "limit": self.limit, "include_path": include,
                 "task_files_sha256": task_files_sha256(include), "seed": self.seed,
-                "dtype": self.dtype, **self.extra}
+                "dtype": self.dtype, "heldout_seed": self.heldout_seed, **self.extra}
 
 
 def task_files_sha256(include_path: str | None) -> str | None:
@@ -475,7 +479,8 @@ def sweep(run_dir: str, settings: SweepSettings, *, output_dir: str | None = Non
         check_tasks(settings.tasks, settings.include_path)
     if evaluate_fn is None:
         from .runner import evaluate as evaluate_fn
-    context = _RunContext(run_dir, device, tensor_model_parallel_size, settings.dtype)
+    context = _RunContext(run_dir, device, tensor_model_parallel_size, settings.dtype,
+                          settings.heldout_seed)
     settings = dataclasses.replace(settings, dtype=context.dtype_name)
     settings_dict = settings.to_dict()
     settings_sha = _sha256_json(settings_dict)
@@ -567,10 +572,11 @@ def _summary(record: dict[str, Any]) -> str:
 class _RunContext:
     """What the sweep reads once per run: config, tokenizer, validation data, fingerprints."""
 
-    def __init__(self, run_dir: str, device: torch.device | None, tp: int, dtype: str | None):
+    def __init__(self, run_dir: str, device: torch.device | None, tp: int, dtype: str | None,
+                 heldout_seed: int | None = None):
         from ..inference.loading import inference_dtype
 
-        self.run_dir, self.tp = run_dir, tp
+        self.run_dir, self.tp, self.heldout_seed = run_dir, tp, heldout_seed
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[dtype] if dtype else inference_dtype(self.device)
         self.dtype_name = {v: k for k, v in DTYPES.items()}[self.dtype]
@@ -585,10 +591,14 @@ class _RunContext:
         # Process groups first: every rank then builds the datasets as in training.
         self.device = initialize_parallel(ParallelConfig(tensor_model_parallel_size=self.tp),
                                           self.device, seed=self.run.training.seed)
-        self.fingerprints = fingerprints(self.run, self.tokenizer)
+        heldout_run = self.run
+        if self.heldout_seed is not None:
+            heldout_run = dataclasses.replace(self.run, training=dataclasses.replace(
+                self.run.training, seed=self.heldout_seed))
+        self.fingerprints = fingerprints(heldout_run, self.tokenizer)
         self.records = read_jsonl(metrics_path(self.run_dir, self.run))
         try:
-            self.valid_sets = validation_sets(self.run, self.tokenizer)
+            self.valid_sets = validation_sets(heldout_run, self.tokenizer)
             self.valid_problem = None if self.valid_sets else "the run has no validation data"
         except ConfigError as error:
             self.valid_sets, self.valid_problem = [], str(error)
