@@ -116,7 +116,7 @@ def run_config(shape: str, seq_length: int, method: str):
 def flops_per_token(shape: str, seq_length: int, method: str) -> float:
     """Training FLOPs per token by the project's own formulas (what its TFLOP/s logs use)."""
     from megatron_latent.arguments import method_options
-    from megatron_latent.models.registry import get_method
+    from megatron_latent.methods.registry import get_method
     from megatron_latent.training.trainer import training_flops_per_token
 
     run = run_config(shape, seq_length, method)

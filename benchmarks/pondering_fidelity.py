@@ -92,7 +92,7 @@ def train(data: Path, out: Path, method: list[str], seed: int, args) -> dict:
 
 def training_flops(method: list[str], args) -> float:
     from megatron_latent.arguments import method_options, parse_run_config
-    from megatron_latent.models.registry import get_method
+    from megatron_latent.methods.registry import get_method
     from megatron_latent.training.trainer import training_flops_per_token
 
     run, _ = parse_run_config([

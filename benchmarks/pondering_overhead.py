@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_latent.config import get_preset  # noqa: E402
 from megatron_latent.distributed import ParallelConfig, initialize_parallel  # noqa: E402
 from megatron_latent.inference import GenerationConfig, generate  # noqa: E402
-from megatron_latent.models.pondering import PonderingOptions  # noqa: E402
-from megatron_latent.models.registry import get_method  # noqa: E402
+from megatron_latent.methods.pondering import PonderingOptions  # noqa: E402
+from megatron_latent.methods.registry import get_method  # noqa: E402
 
 
 def build(method: str, config, options, seed: int = 1234):

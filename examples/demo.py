@@ -67,7 +67,7 @@ def training_flops_per_token(flags: list) -> float:
     """Training FLOPs per token of a run (the same count its TFLOP/s log line uses)."""
     sys.path.insert(0, str(ROOT))
     from megatron_latent.arguments import method_options, parse_run_config
-    from megatron_latent.models.registry import get_method
+    from megatron_latent.methods.registry import get_method
     from megatron_latent.training import trainer
 
     run, _ = parse_run_config([str(flag) for flag in flags])

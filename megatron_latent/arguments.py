@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
 from .distributed import ParallelConfig
-from .models.registry import available_methods, get_method
+from .methods.registry import available_methods, get_method
 from .training.config import (
     CheckpointSettings,
     DataSettings,
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument_group("model").add_argument
     add("--model", default=None,
         help=f"preset that fills shape and recipe: {', '.join(PRESETS)} (or 70m, 1b, ...)")
-    add("--method", default="vanilla", help=f"training method: {', '.join(available_methods())}")
+    add("--method", default="vanilla", help="training method: " + "; ".join(
+        f"{name} ({get_method(name).description})" for name in available_methods()))
     add("--num-layers", type=int)
     add("--hidden-size", type=int)
     add("--num-attention-heads", type=int)

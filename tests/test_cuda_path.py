@@ -69,8 +69,8 @@ def test_document_masks_never_go_to_transformer_engine_attention(monkeypatch):
     --reset-attention-mask the CUDA engine must not silently train another objective."""
     from megatron_latent.arguments import parse_run_config
     from megatron_latent.config import ConfigError
+    from megatron_latent.methods.registry import get_method
     from megatron_latent.models import specs
-    from megatron_latent.models.registry import get_method
     from megatron_latent.training.trainer import validate_run
 
     monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
@@ -109,7 +109,7 @@ def test_cpu_ranks_on_a_gpu_machine_allocate_megatron_buffers_on_the_cpu(monkeyp
 def test_bf16_pondering_mixing_accumulates_in_fp32():
     """Numerator Σ e·W and normaliser Σ e over a 4k vocabulary from bf16 inputs: accumulated
     in fp32 they agree with float64 to ~1e-6; rounded to bf16 they are off by ~1e-3."""
-    from megatron_latent.models.pondering import _ExpWeightedRows
+    from megatron_latent.methods.pondering.mixing import _ExpWeightedRows
 
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(8, 2, 4096, generator=generator) * 3).to(torch.bfloat16)
@@ -218,7 +218,7 @@ def test_transformer_engine_pins_follow_megatron_core():
 def test_top_k_row_mixture_and_its_gradients_match_autograd(monkeypatch, chunk):
     """The top-k mixture Σ w·W[idx] (written for bf16 on CUDA, where embedding_bag's
     per-sample-weight backward is missing) against autograd of gather-and-sum in float64."""
-    from megatron_latent.models import pondering
+    from megatron_latent.methods.pondering import mixing as pondering
 
     monkeypatch.setattr(pondering, "ROW_SUM_CHUNK_ELEMENTS", chunk)
     generator = torch.Generator().manual_seed(3)

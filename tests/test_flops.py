@@ -13,8 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_latent.config import get_preset
-from megatron_latent.models.pondering import PonderingOptions
-from megatron_latent.models.registry import get_method
+from megatron_latent.methods.pondering import PonderingOptions
+from megatron_latent.methods.registry import get_method
 
 aten = torch.ops.aten
 BATCH = 2

@@ -15,13 +15,13 @@ from megatron_latent.inference import (
     generate_with_details,
     make_inference_context,
 )
-from megatron_latent.models import hf_gpt_neox as mapping
-from megatron_latent.models.language_model import build_pythia_model
-from megatron_latent.models.pondering import (
+from megatron_latent.methods.pondering import (
     PonderingInferenceContext,
     PonderingOptions,
     build_pondering_model,
 )
+from megatron_latent.models import hf_gpt_neox as mapping
+from megatron_latent.models.language_model import build_pythia_model
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=250,
                      seq_length=64)

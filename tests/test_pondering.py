@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from megatron_latent.config import ConfigError, ModelConfig
-from megatron_latent.models import hf_gpt_neox as mapping
-from megatron_latent.models.language_model import RuntimeOptions, build_pythia_model
-from megatron_latent.models.pondering import (
+from megatron_latent.methods.pondering import (
     PIPELINE_REFUSAL,
     PonderingOptions,
     PonderingPythiaModel,
     build_pondering_model,
     mix_input_embeddings,
 )
-from megatron_latent.models.registry import get_method
+from megatron_latent.methods.registry import get_method
+from megatron_latent.models import hf_gpt_neox as mapping
+from megatron_latent.models.language_model import RuntimeOptions, build_pythia_model
 
 from hf_reference import make_gpt_neox
 

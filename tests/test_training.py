@@ -309,7 +309,7 @@ def test_tracker_naming_a_missing_iteration_is_one_clear_error(corpus, tmp_path)
 
 def test_pipeline_parallel_on_cpu_is_refused():
     from megatron_latent.arguments import parse_run_config
-    from megatron_latent.models.registry import get_method
+    from megatron_latent.methods.registry import get_method
     from megatron_latent.training.trainer import validate_run
 
     run, _ = parse_run_config(["--model", "tiny", "--mock-data", "--train-iters", "1",

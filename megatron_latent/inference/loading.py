@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from ..distributed import ParallelConfig, initialize_parallel, tp_rank, tp_size
+from ..methods.registry import get_method
 from ..models.hf_gpt_neox import load_canonical, shard_for_rank
 from ..models.language_model import RuntimeOptions
-from ..models.registry import get_method
 from ..training.checkpointing import load_full_model_state
 from ..training.config import RunConfig
 

@@ -24,7 +24,7 @@ from ..arguments import describe, method_options
 from ..config import ConfigError, count_parameters
 from ..distributed import initialize_parallel
 from ..flops import forward_flops_per_token
-from ..models.registry import MethodSpec, get_method
+from ..methods.registry import MethodSpec, get_method
 from ..models.specs import DOCUMENT_MASK_UNDER_TE
 from . import checkpointing
 from .checkpointing import TrainState

@@ -24,8 +24,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from megatron_latent.config import ModelConfig  # noqa: E402
 from megatron_latent.evaluation.lm_backend import MegatronLatentLM  # noqa: E402
+from megatron_latent.methods.registry import get_method  # noqa: E402
 from megatron_latent.models import hf_gpt_neox as mapping  # noqa: E402
-from megatron_latent.models.registry import get_method  # noqa: E402
 from megatron_latent.training.checkpointing import write_weights_checkpoint  # noqa: E402
 from megatron_latent.training.config import RunConfig  # noqa: E402
 

@@ -10,9 +10,9 @@ import torch.distributed as dist
 from megatron_latent.config import ModelConfig
 from megatron_latent.distributed import tp_group, tp_rank, tp_size
 from megatron_latent.inference import GenerationConfig, generate
+from megatron_latent.methods.pondering import PonderingOptions, build_pondering_model
 from megatron_latent.models import hf_gpt_neox as mapping
 from megatron_latent.models.language_model import RuntimeOptions, build_pythia_model
-from megatron_latent.models.pondering import PonderingOptions, build_pondering_model
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=250,
                      seq_length=32)

@@ -17,9 +17,9 @@ from megatron_latent.distributed import (
     tp_rank,
     tp_size,
 )
+from megatron_latent.methods.pondering import PonderingOptions, build_pondering_model
 from megatron_latent.models import hf_gpt_neox as mapping
 from megatron_latent.models.language_model import RuntimeOptions
-from megatron_latent.models.pondering import PonderingOptions, build_pondering_model
 
 # Padded to 512 at both TP sizes; no other dimension of the model is 512.
 CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500,
@@ -119,7 +119,7 @@ def test_mixing_of_large_logits_is_finite_and_equal_across_tp(use_parallel, top_
     """Trained logits can sit far from 0 (e.g. +200): the softmax must subtract the global
     max (a sum of the ranks' maxima, or no shift at all, overflows or underflows to NaN).
     TP=1 and TP=2 both equal softmax(logits) @ W_in computed here in float64."""
-    from megatron_latent.models.pondering import mix_input_embeddings
+    from megatron_latent.methods.pondering import mix_input_embeddings
 
     generator = torch.Generator().manual_seed(5)
     logits = 4.0 * torch.randn(6, 2, FULL_VOCAB, generator=generator) + shift

@@ -10,8 +10,8 @@ import torch
 from megatron_latent.config import ModelConfig
 from megatron_latent.inference import GenerationConfig, generate, make_inference_context
 from megatron_latent.inference.stepping import last_token_logits
+from megatron_latent.methods.pondering import PonderingOptions, build_pondering_model
 from megatron_latent.models.language_model import build_pythia_model
-from megatron_latent.models.pondering import PonderingOptions, build_pondering_model
 
 pytestmark = pytest.mark.gpu
 

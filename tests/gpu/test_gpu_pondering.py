@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_latent.models import hf_gpt_neox as mapping
-from megatron_latent.models import pondering
-from megatron_latent.models.language_model import RuntimeOptions
-from megatron_latent.models.pondering import (
+from megatron_latent.methods import pondering
+from megatron_latent.methods.pondering import (
     PonderingOptions,
     build_pondering_model,
     mix_input_embeddings,
 )
+from megatron_latent.models import hf_gpt_neox as mapping
+from megatron_latent.models.language_model import RuntimeOptions
 
 from hf_reference import make_gpt_neox
 
@@ -81,7 +81,7 @@ def test_pondering_on_cuda_equals_the_cpu(use_device, weights, batch, options, m
             margins.append((top[..., -2] - top[..., -1]).min().item())
             return original(logits, *args, **kwargs)
 
-        monkeypatch.setattr(pondering, "mix_input_embeddings", recording)
+        monkeypatch.setattr(pondering.model, "mix_input_embeddings", recording)
     use_device("cpu")
     cpu_loss, cpu_grads = loss_and_grads(build(weights, options, "cpu"), batch)
     if options.top_k:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ...models.registry import MethodSpec
+from ...methods.registry import MethodSpec
 from ..config import RunConfig
 from .base import Engine, EvalResult, NonFiniteLossError, StepResult
 

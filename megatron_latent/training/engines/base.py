@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...models.registry import MethodSpec
+from ...methods.registry import MethodSpec
 from ..config import RunConfig
 
 

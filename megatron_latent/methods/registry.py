@@ -72,7 +72,8 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-_BUILTINS = ("megatron_latent.models.vanilla", "megatron_latent.models.pondering")
+#: The methods that ship with the project, one package each (the one place they are listed).
+_BUILTINS = ("megatron_latent.methods.vanilla", "megatron_latent.methods.pondering")
 
 
 def _load_builtin_methods() -> None:

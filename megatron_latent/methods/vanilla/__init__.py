@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
-from .language_model import PythiaModel, RuntimeOptions, build_pythia_model
-from .registry import MethodSpec, register_method
+from ...config import ModelConfig
+from ...models.language_model import PythiaModel, RuntimeOptions, build_pythia_model
+from ..registry import MethodSpec, register_method
 
 
 def build_vanilla_model(
