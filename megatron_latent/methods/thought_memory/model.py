@@ -1,0 +1,208 @@
+"""The thought-memory model (../shared/methods/thought_gestalt.md, "Model", "Loss", decisions
+4-9): a Pythia stack of S layers (causal self-attention within one sentence row) and C layers
+(gated cross-attention to a FIFO memory of sentence vectors), run sentence by sentence over a
+stream batch (streams.py's StreamBatch tensors).
+
+Loss aggregation (decision 8) is expressed as per-token weights (`stream_token_weights`):
+``"paper"`` (default, paper/code parity): for each sentence index t, Σ w·CE / Σ w over the
+batch's rows at t, summed over t; ``"token_mean"``: Σ w·CE / Σ w over the whole batch. The
+model returns CE already multiplied by these weights, so its sum is the LM part of the loss;
+the S_REP hinge (summed over t, as in the paper's index losses) comes in `aux`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+)
+from torch import Tensor
+
+from ...config import ConfigError, ModelConfig
+from ...models.language_model import PythiaModel
+from ...models.specs import block_spec, layer_spec
+from .layers import FifoMemory, SentenceVectorHead, gated_cross_attention_layer_spec
+
+LOSS_MODES = ("paper", "token_mean")
+
+
+def default_layer_pattern(num_layers: int) -> str:
+    """Alternating S, C starting with S: ``"SC" * (L / 2)`` (layer 0 = S, the last = C)."""
+    return ("SC" * num_layers)[:num_layers]
+
+
+def default_source_layer(pattern: str) -> int:
+    """0-based L/2, rounded up to an S layer (down when no S layer follows)."""
+    middle = len(pattern) // 2
+    later = [i for i in range(middle, len(pattern)) if pattern[i] == "S"]
+    earlier = [i for i in range(middle - 1, -1, -1) if pattern[i] == "S"]
+    if not later and not earlier:
+        raise ConfigError("the layer pattern has no S layer")
+    return (later or earlier)[0]
+
+
+@dataclass
+class ThoughtMemoryOptions:
+    """Method options. `eos_id` is the row-closing EOS id (streams.StreamLayout.eos)."""
+
+    eos_id: int
+    memory_size: int = 40
+    layer_pattern: str | None = None  # e.g. "SCSC"; None: default_layer_pattern
+    source_layer: int | None = None  # S_REP source (0-based); None: default_source_layer
+    newest_first: bool = False
+    hinge_weight: float = 0.01
+    s_rep_dropout: float = 0.0
+    loss_mode: str = "paper"
+
+    def resolved(self, num_layers: int) -> tuple[str, int]:
+        """(layer pattern, source layer), validated for `num_layers` layers."""
+        pattern = (self.layer_pattern or default_layer_pattern(num_layers)).upper()
+        if len(pattern) != num_layers or set(pattern) - {"S", "C"}:
+            raise ConfigError(f"layer pattern {pattern!r} must be {num_layers} letters S/C")
+        source = default_source_layer(pattern) if self.source_layer is None else self.source_layer
+        if not 0 <= source < num_layers:
+            raise ConfigError(f"S_REP source layer {source} not in [0, {num_layers})")
+        if self.memory_size < 1:
+            raise ConfigError(f"memory size must be >= 1, got {self.memory_size}")
+        if self.loss_mode not in LOSS_MODES:
+            raise ConfigError(f"loss mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        return pattern, source
+
+
+def stream_token_weights(weights: Tensor, valid: Tensor, mode: str = "paper") -> Tensor:
+    """Per-token weights [B, T, L] whose dot product with CE is the decision-8 aggregate.
+
+    paper: w / Σ_{rows at t} w for each sentence index t (indices with Σ w = 0 get 0);
+    token_mean: w / Σ w. Rows not `valid` [B, T] get 0. The sums are over this batch only
+    (under data parallelism the denominators must be all-reduced first).
+    """
+    w = weights * valid[..., None].to(weights.dtype)
+    if mode == "paper":
+        total = w.sum(dim=(0, 2), keepdim=True)
+    elif mode == "token_mean":
+        total = w.sum().reshape(1, 1, 1)
+    else:
+        raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}")
+    return torch.where(total > 0, w / total.clamp(min=torch.finfo(w.dtype).tiny), 0.0)
+
+
+def stream_loss(per_token_ce: Tensor, weights: Tensor, valid: Tensor,
+                mode: str = "paper") -> Tensor:
+    """The decision-8 LM loss (scalar) of per-token CE [B, T, L] (hinge not included)."""
+    return (per_token_ce * stream_token_weights(weights, valid, mode)).sum()
+
+
+class ThoughtMemoryModel(PythiaModel):
+    """PythiaModel whose decoder follows an S/C layer pattern and reads a sentence memory.
+
+    The decoder is one TransformerBlock built from a per-layer spec list (checkpoint names
+    `decoder.layers.i.*`); `forward` drives its layers itself so it can read the residual
+    stream after the S_REP source layer. S layers ignore the memory (`context`); C layers get
+    it as `context` [M, B, h] and the filled-slot counts as `context_mask` [B]. TP=1 is tested;
+    sequence parallelism, pipeline stages and full recompute are refused.
+    """
+
+    memory_class: type[FifoMemory] = FifoMemory
+
+    def __init__(self, config, model_config: ModelConfig, options: ThoughtMemoryOptions,
+                 transformer_impl: str = "local", attention: str = "sdpa", **kwargs):
+        if config.sequence_parallel or config.pipeline_model_parallel_size != 1:
+            raise ConfigError("thought-memory: no sequence or pipeline parallelism yet")
+        if not kwargs.get("pre_process", True) or not kwargs.get("post_process", True):
+            raise ConfigError("thought-memory needs the whole model on one pipeline stage")
+        if config.recompute_granularity == "full":
+            raise ConfigError("thought-memory drives its layers itself: no full recompute")
+        pattern, source_layer = options.resolved(config.num_layers)
+        super().__init__(config, model_config, transformer_impl, attention, **kwargs)
+        self.thought, self.pattern, self.source_layer = options, pattern, source_layer
+        s_spec = layer_spec(transformer_impl, attention)
+        c_spec = gated_cross_attention_layer_spec(options.newest_first)
+        final_norm = block_spec(1, transformer_impl, attention).layer_norm
+        # Replaces the homogeneous decoder PythiaModel built (same names, mixed layers).
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=TransformerBlockSubmodules(
+                layer_specs=[s_spec if kind == "S" else c_spec for kind in self.pattern],
+                layer_norm=final_norm),
+            pre_process=True, post_process=True, pg_collection=self.pg_collection,
+            vp_stage=self.vp_stage,
+        )
+        self.s_rep = SentenceVectorHead(config, dropout=options.s_rep_dropout,
+                                        hinge_weight=options.hinge_weight)
+
+    def run_sentence(self, embeds: Tensor, memory: Tensor,
+                     counts: Tensor) -> tuple[Tensor, Tensor]:
+        """One sentence row through the stack: embeds [L, B, h] ->
+        (final-LN hidden [L, B, h], residual stream after the source layer [L, B, h])."""
+        rotary = self.rotary_pos_emb(embeds.shape[0], device=embeds.device)
+        hidden, source = embeds, None
+        for index, layer in enumerate(self.decoder.layers):
+            hidden, _ = layer(hidden_states=hidden, attention_mask=None, context=memory,
+                              context_mask=counts, rotary_pos_emb=rotary)
+            if index == self.source_layer:
+                source = hidden
+        return self.decoder.final_layernorm(hidden), source
+
+    def forward(self, input_ids: Tensor, targets: Tensor, weights: Tensor, valid: Tensor,
+                return_logits: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """input_ids, targets [B, T, L] long, weights [B, T, L], valid [B, T] bool ->
+        (CE × stream_token_weights [B, T, L], aux).
+
+        aux: "s_rep_hinge_loss" (Σ_t hinge), "per_token_ce" [B, T, L], "memory_writes"
+        (count), and with `return_logits` "logits" [B, T, L, V/tp].
+        """
+        batch, sentences, length = input_ids.shape
+        valid = valid.to(torch.bool)
+        memory: FifoMemory | None = None
+        previous: Tensor | None = None  # S_REP of sentence t-1 [B, h]
+        wrote = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        hinge = torch.zeros((), device=input_ids.device)
+        writes = torch.zeros((), dtype=torch.long, device=input_ids.device)
+        ce_rows, logit_rows = [], []
+        for t in range(sentences):
+            ids = input_ids[:, t]
+            embeds = self.embed(ids)  # [L, B, h]
+            if memory is None:
+                memory = self.memory_class(self.thought.memory_size, batch, embeds.shape[-1],
+                                           embeds.device, embeds.dtype)
+                hinge = hinge.to(embeds.dtype)
+            if previous is not None:  # seeding: the BOS input becomes S_REP of sentence t-1
+                first = torch.where(wrote[:, None], previous.to(embeds.dtype), embeds[0])
+                embeds = torch.cat([first[None], embeds[1:]])
+            m, counts = memory.read()
+            hidden, source = self.run_sentence(embeds, m, counts)
+            is_eos = ids == self.thought.eos_id
+            has_eos = is_eos.any(dim=1)
+            eos_at = is_eos.to(torch.int64).argmax(dim=1)  # first EOS (0 when none)
+            at_eos = source[eos_at, torch.arange(batch, device=ids.device)]  # [B, h]
+            write = valid[:, t] & has_eos
+            vectors, row_hinge = self.s_rep(at_eos, write)
+            memory.write(vectors, write)
+            previous, wrote = vectors, write
+            hinge = hinge + row_hinge
+            writes = writes + write.sum()
+            logits = self.output_logits(hidden)  # [L, B, V/tp]
+            if return_logits:  # copied first: megatron's vocab-parallel CE edits logits in place
+                logit_rows.append(logits.transpose(0, 1).clone())
+            ce_rows.append(self.compute_language_model_loss(targets[:, t], logits))
+        ce = torch.stack(ce_rows, dim=1)  # [B, T, L]
+        loss = ce * stream_token_weights(weights.to(ce.dtype), valid, self.thought.loss_mode)
+        aux: dict[str, Tensor] = {"s_rep_hinge_loss": hinge, "per_token_ce": ce,
+                                  "memory_writes": writes}
+        if return_logits:
+            aux["logits"] = torch.stack(logit_rows, dim=1)
+        return loss, aux
+
+
+__all__ = [
+    "LOSS_MODES",
+    "ThoughtMemoryModel",
+    "ThoughtMemoryOptions",
+    "default_layer_pattern",
+    "default_source_layer",
+    "stream_loss",
+    "stream_token_weights",
+]
