@@ -23,6 +23,11 @@ def _original_current_device():
     return getattr(current, "_megatron_latent_original", current)
 
 
+def routed_to_cpu() -> bool:
+    """Whether `torch.cuda.current_device()` currently answers "cpu" (see below)."""
+    return bool(getattr(torch.cuda.current_device, _MARK, False))
+
+
 def route_cuda_device_queries(device: torch.device | str) -> bool:
     """Make `torch.cuda.current_device()` answer "cpu" while this process computes on the CPU
     (``device`` is the CPU) and restore torch's own answer otherwise. Returns True when the
@@ -31,7 +36,7 @@ def route_cuda_device_queries(device: torch.device | str) -> bool:
     if torch.device(device).type != "cpu":
         torch.cuda.current_device = original
         return False
-    if getattr(torch.cuda.current_device, _MARK, False):
+    if routed_to_cpu():
         return True
 
     def current_device() -> str:

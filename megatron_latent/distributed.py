@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from .compat import route_cuda_device_queries
+from .compat import route_cuda_device_queries, routed_to_cpu
 from .config import ConfigError
 
 
@@ -75,10 +75,6 @@ def init_process_group(device: torch.device, timeout_minutes: float = 10.0) -> N
                                 init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
-#: Whether megatron-core's device queries currently answer "cpu" (see compat).
-_routed_to_cpu = [False]
-
-
 def _reset_global_memory_buffer() -> None:
     """megatron-core keys its reusable buffers by name and dtype, not device: once the process
     switches between CPU and CUDA compute, buffers made for the other device must go."""
@@ -95,8 +91,8 @@ def initialize_parallel(
     Returns the device this rank computes on. Safe to call again with the same layout.
     """
     device = device or default_device()
-    if route_cuda_device_queries(device) != _routed_to_cpu[0]:
-        _routed_to_cpu[0] = not _routed_to_cpu[0]
+    was_cpu = routed_to_cpu()
+    if route_cuda_device_queries(device) != was_cpu:
         _reset_global_memory_buffer()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel.validate(world_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy
 import pytest
 import torch
+from test_flops import attention_backward, attention_forward  # the CPU SDPA kernel's FLOPs
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_latent.config import ModelConfig
@@ -39,16 +40,6 @@ H, HEADS = 32, 2
 LAYOUT = StreamLayout.for_vocab(60, max_content=5, max_sentences=4)  # L = 8
 L = LAYOUT.L
 B, T = 2, 4
-
-
-def attention_forward(query, key, value, *args, **kwargs) -> int:
-    b, heads, sq, d = query
-    return 2 * (2 * b * heads * sq * key[2] * d)  # Q K^T and P V
-
-
-def attention_backward(grad_out, query, key, value, *args, **kwargs) -> int:
-    b, heads, sq, d = query
-    return 4 * (2 * b * heads * sq * key[2] * d)  # dV, dP, dQ, dK
 
 
 CUSTOM = {

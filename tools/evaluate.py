@@ -65,13 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _write_json(path: str, results: dict) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    partial = f"{path}.incomplete"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2, default=handle_non_serializable,
-                  ensure_ascii=False)
-    os.replace(partial, path)
+    from megatron_latent.fileio import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable,
+                                       ensure_ascii=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..data.demo_corpus import find_plays, play_documents, split_plays
+from ..fileio import atomic_write_text
 
 DEFAULT_VALID_PLAYS = 2  # tools/prepare_demo_corpus.py's defaults, which make demo uses
 DEFAULT_SPLIT_SEED = 1234
@@ -234,13 +235,6 @@ def task_configs(paths: dict[str, str]) -> dict[str, dict]:
     }
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".incomplete"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _readme(options: TaskOptions, source: str, docs: Sequence[SourceDocument],
             counts: dict[str, int]) -> str:
     plays = sorted({d.id.split("/")[0] for d in docs})
@@ -292,15 +286,15 @@ def write_tasks(output_dir: str, options: TaskOptions | None = None,
     for name, rows in records.items():
         if not rows:
             raise ValueError(f"{name}: the documents give no examples")
-        _write_atomic(data_paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n"
+        atomic_write_text(data_paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                 for r in rows))
     yaml_paths = {}
     for name, config in task_configs(data_paths).items():
         yaml_paths[name] = os.path.join(output_dir, f"{name}.yaml")
-        _write_atomic(yaml_paths[name], yaml.safe_dump(config, sort_keys=False,
+        atomic_write_text(yaml_paths[name], yaml.safe_dump(config, sort_keys=False,
                                                        allow_unicode=True))
     counts = {name: len(rows) for name, rows in records.items()}
-    _write_atomic(os.path.join(output_dir, "README.md"),
+    atomic_write_text(os.path.join(output_dir, "README.md"),
                   _readme(options, source or "the given documents", docs, counts))
     return yaml_paths
 
@@ -346,6 +340,6 @@ def write_standard_tasks(output_dir: str, tasks: dict[str, str], suffix: str = "
             raise ValueError(f"{name}: no file {data_path}")
         config = standard_task_config(name, data_path, suffix)
         path = os.path.join(os.path.abspath(output_dir), f"{config['task']}.yaml")
-        _write_atomic(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
         written[config["task"]] = path
     return written

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
@@ -57,6 +56,7 @@ def evaluate(
     seed: int = 1234,
     log_samples: bool = True,
     extra_model_args: dict | None = None,
+    loaded=None,
 ) -> dict:
     """lm-eval's results dict for checkpoint `load` on `tasks` (``samples`` included when
     `log_samples`), plus ``lm_eval_version``; continuous multiple-choice metrics are added
@@ -66,6 +66,8 @@ def evaluate(
     and every seed set to `seed`, offline. Under torchrun every rank must call it; the
     results come back on the rank lm-eval reports on (global rank 0) and ``{}`` elsewhere.
     `extra_model_args` go to the backend (e.g. ``max_length``, ``tokenizer_model``).
+    `loaded` (inference.loading.LoadedModel of `load` at `iteration`): score that model
+    instead of loading the checkpoint again.
     """
     _go_offline()
     import lm_eval
@@ -89,8 +91,14 @@ def evaluate(
         where = f" in {include_path} or" if include_path else ""
         raise ConfigError(f"unknown task(s) {', '.join(unknown)}: not found{where} among "
                           "lm-eval's tasks")
+    model: Any = "megatron_latent"
+    if loaded is not None:
+        extra = {k: v for k, v in model_args.items()
+                 if k not in ("load", "iteration", "tensor_model_parallel_size", "dtype")}
+        model = lm_backend.MegatronLatentLM(load=str(load), loaded=loaded,
+                                            batch_size=batch_size, **extra)
     results = lm_eval.simple_evaluate(
-        model="megatron_latent", model_args=model_args, tasks=list(tasks),
+        model=model, model_args=model_args, tasks=list(tasks),
         num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
         task_manager=manager, bootstrap_iters=0,
         log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
@@ -99,10 +107,6 @@ def evaluate(
         return {}
     results = dict(results)
     results["lm_eval_version"] = lm_eval.__version__
-    # Another module adds the continuous multiple-choice metrics; skipped while it is absent
-    # (an error inside it is not hidden).
-    if importlib.util.find_spec(f"{__package__}.mc_metrics") is None:
-        return results
     from .mc_metrics import add_continuous_metrics
 
     updated = add_continuous_metrics(results)

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..fileio import atomic_write_text
 from ..training.checkpointing import CHECKPOINT_FILE, CONFIG_FILE, iteration_dir
 from ..training.config import RunConfig
 
@@ -46,20 +46,6 @@ def _json_default(value: Any) -> Any:
         return value.item()  # numpy and torch scalars
     except (AttributeError, TypeError, ValueError):
         return str(value)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `path` through a temporary file and os.replace (never half-written)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -183,44 +169,14 @@ def logged_valid_losses(records: list[dict[str, Any]], iteration: int) -> dict[s
 
 # -- held-out loss on the run's validation slice ------------------------------------------------
 def validation_sets(run: RunConfig, tokenizer) -> list[tuple[str, Any]]:
-    """The trainer's validation datasets for `run`: ``("validation", blend)`` and, for a blend
-    of several datasets, ``(basename, dataset)`` per component; [] without validation data.
+    """The trainer's validation datasets for `run` (training.data.build_run_datasets, so the
+    same fixed slice): ``("validation", blend)`` and, for a blend of several datasets,
+    ``(basename, dataset)`` per component; [] without validation data."""
+    from ..training.data import build_run_datasets
 
-    Mirrors training.data.build_run_data (same sample counts, so the same fixed slice)."""
-    from ..data.datasets import (
-        build_gpt_datasets,
-        build_valid_datasets_per_component,
-        parse_blend,
-    )
-    from ..data.indexed import DatasetPathError
-    from ..training.data import data_config
-
-    config = data_config(run)
-    gbs = run.training.global_batch_size
-    valid_samples = run.evaluation.eval_iters * gbs if run.evaluation.eval_iters else 0
-    if not valid_samples:
-        return []
-    try:
-        _, valid, _ = build_gpt_datasets(config, tokenizer, run.training.total_iters() * gbs,
-                                         valid_samples, None)
-        if valid is None:
-            return []
-        sets: list[tuple[str, Any]] = [("validation", valid)]
-        if config.mock_data:
-            components = []
-        elif config.data_path:
-            components = config.blend()[0]
-        else:
-            components = parse_blend(config.valid_data_path or [])[0] \
-                if config.valid_data_path else []
-        if len(components) > 1:
-            for prefix, dataset in build_valid_datasets_per_component(config, tokenizer,
-                                                                      valid_samples):
-                if dataset is not None:
-                    sets.append((os.path.basename(prefix), dataset))
-    except (ValueError, DatasetPathError) as error:
-        raise ConfigError(f"building the validation data: {error}") from error
-    return sets
+    _, sets = build_run_datasets(run, tokenizer, run.training.total_iters())
+    return [(name if name == "validation" else os.path.basename(name), dataset)
+            for name, dataset in sets]
 
 
 @torch.no_grad()
@@ -504,13 +460,16 @@ def sweep(run_dir: str, settings: SweepSettings, *, output_dir: str | None = Non
             continue
         started = time.time()
         log(f"{tag}: evaluating")
-        record = context.checkpoint_record(iteration)
+        loaded = context.load(iteration)  # one load: the held-out loss, then the tasks
+        record = context.checkpoint_record(iteration, loaded)
         results = evaluate_fn(
             load=run_dir, tasks=list(settings.tasks), iteration=iteration,
             tensor_model_parallel_size=tensor_model_parallel_size,
             num_fewshot=settings.num_fewshot, limit=settings.limit, batch_size=batch_size,
             include_path=settings.include_path, device=str(context.device),
-            dtype=context.dtype_name, seed=settings.seed, log_samples=True)
+            dtype=context.dtype_name, seed=settings.seed, log_samples=True, loaded=loaded)
+        del loaded
+        context.release()
         if not results or not writer:  # results live on global rank 0 only
             evaluated.append(iteration)
             continue
@@ -604,7 +563,22 @@ class _RunContext:
             self.valid_sets, self.valid_problem = [], str(error)
         self._prepared = True
 
-    def checkpoint_record(self, iteration: int) -> dict[str, Any]:
+    def load(self, iteration: int):
+        """The checkpoint, loaded once for everything the sweep scores (held-out loss, tasks)."""
+        from ..inference.loading import load_model_for_inference
+
+        if not self._prepared:
+            self._prepare(iteration)
+        return load_model_for_inference(self.run_dir, iteration, self.tp, self.device,
+                                        dtype=self.dtype)
+
+    def release(self) -> None:
+        """Return a dropped checkpoint's memory before the next one is loaded."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def checkpoint_record(self, iteration: int, loaded) -> dict[str, Any]:
         """iteration, tokens, train and held-out losses, fingerprints, run description."""
         if not self._prepared:
             self._prepare(iteration)
@@ -612,7 +586,8 @@ class _RunContext:
         train_loss, train_source = train_loss_at(self.records, iteration,
                                                  self.run.logging.log_interval)
         if self.valid_sets:
-            valid, valid_source = self._heldout(iteration), (
+            valid, valid_source = heldout_losses(
+                loaded.model, self.run, self.valid_sets, self.device), (
                 f"computed by the sweep on the run's validation slice "
                 f"({self.run.evaluation.eval_iters} x {self.run.training.global_batch_size} "
                 f"samples per dataset, {self.dtype_name})")
@@ -636,17 +611,3 @@ class _RunContext:
                     "num_attention_heads": model.num_attention_heads,
                     "seq_length": model.seq_length},
         }
-
-    def _heldout(self, iteration: int) -> dict[str, float]:
-        from ..inference.loading import load_model_for_inference
-
-        loaded = load_model_for_inference(self.run_dir, iteration, self.tp, self.device,
-                                          dtype=self.dtype)
-        try:
-            return heldout_losses(loaded.model, self.run, self.valid_sets, self.device)
-        finally:
-            del loaded
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from ..config import ConfigError
+from ..fileio import atomic_write_text
 from ..models.hf_gpt_neox import merge_shards, shard_for_rank
 
 logger = logging.getLogger(__name__)
@@ -144,15 +145,6 @@ def _broadcast_object(value: Any) -> Any:
     return box[0]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -227,7 +219,7 @@ def save_checkpoint(root: str, state: TrainState, engine, scheduler, run_config:
             os.replace(final, trash)
         os.replace(tmp_root, final)
         _fsync_dir(root)
-        _atomic_write_text(os.path.join(root, TRACKER_FILE), str(state.iteration))
+        atomic_write_text(os.path.join(root, TRACKER_FILE), str(state.iteration))
         if trash:
             shutil.rmtree(trash, ignore_errors=True)
         for name in os.listdir(root):  # leftovers of saves and deletions that were killed
@@ -401,5 +393,5 @@ def write_weights_checkpoint(root: str, full: dict[str, torch.Tensor], run_confi
     if os.path.exists(final):
         raise ConfigError(f"{final} already exists; choose another output directory")
     os.replace(tmp_root, final)
-    _atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
+    atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
     return final

@@ -98,8 +98,11 @@ class RunData:
     valid_sets: list[tuple[str, Any]]
 
 
-def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters: int) -> RunData:
-    """Datasets for the whole run and the train loader positioned at `consumed_samples`."""
+def build_run_datasets(run: RunConfig, tokenizer, total_iters: int
+                       ) -> tuple[Any, list[tuple[str, Any]]]:
+    """The run's training dataset and its validation sets: ``("validation", blend)`` and, for
+    a blend of several datasets, ``(prefix, dataset)`` per component (none without
+    --eval-iters). Shared by training and by anything that must score the same slice."""
     config = data_config(run)
     global_batch = run.training.global_batch_size
     train_samples = total_iters * global_batch
@@ -124,6 +127,12 @@ def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters
                         valid_sets.append((prefix, dataset))
     except (ValueError, DatasetPathError) as error:
         raise ConfigError(f"building datasets: {error}") from error
+    return train, valid_sets
+
+
+def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters: int) -> RunData:
+    """Datasets for the whole run and the train loader positioned at `consumed_samples`."""
+    train, valid_sets = build_run_datasets(run, tokenizer, total_iters)
     if train is None:
         raise ConfigError("the data flags give no training split (check --split)")
     loader = build_pretraining_data_loader(
