@@ -86,7 +86,8 @@ def test_hugging_face_folder_to_tp2_checkpoint_and_back(single_process_parallel,
         ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
          "--seq-length", "32", "--vocab-size", "512", "--mock-data", "--num-workers", "0",
          "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
-         "--lr-warmup-iters", "0", "--eval-iters", "0", "--load", str(out), "--finetune"])
+         "--lr-warmup-iters", "0", "--eval-iters", "0", "--load", str(out), "--finetune",
+         "--device", "cpu"])
     assert summary.iterations == 1
 
 

@@ -179,7 +179,7 @@ TASKS = {
 @pytest.fixture(scope="module")
 def lm_eval_run(tmp_path_factory):
     """One ``simple_evaluate`` of the four local tasks (hf backend, CPU, log_samples=True)."""
-    import lm_eval
+    lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager, get_task_dict
 
     root = tmp_path_factory.mktemp("lm_eval")

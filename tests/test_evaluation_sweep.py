@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_latent.config import ConfigError
 from megatron_latent.evaluation import sweep as sweep_module
@@ -78,8 +79,8 @@ class FakeEvaluate:
 
 def run_sweep(run_dir, out, evaluate, iterations=None, **settings):
     return sweep(run_dir, SweepSettings(tasks=["toy"], **settings), output_dir=str(out),
-                 iterations=iterations, evaluate_fn=evaluate, check_task_names=False,
-                 log=lambda line: None)
+                 iterations=iterations, device=torch.device("cpu"), evaluate_fn=evaluate,
+                 check_task_names=False, log=lambda line: None)
 
 
 def test_crash_then_rerun_evaluates_only_the_missing_checkpoints(run_dir, tmp_path):
@@ -162,6 +163,7 @@ def test_other_settings_are_not_done_and_a_lost_line_is_restored(run_dir, tmp_pa
 
 
 def test_selection_and_errors(run_dir, tmp_path):
+    pytest.importorskip("lm_eval")  # a run evaluated on a host without lm-eval
     assert sweep_module.select_iterations(ITERATIONS, every=4) == [4]
     assert sweep_module.select_iterations(ITERATIONS, iterations=[6, 2]) == [2, 6]
     with pytest.raises(ConfigError, match=r"no checkpoint for iteration\(s\) \[3\]"):

@@ -67,6 +67,8 @@ def workspace(tmp_path_factory):
 
 
 def test_sweep_and_analysis_on_a_real_run(single_process_parallel, workspace, capsys):
+    for module in ("lm_eval", "scipy", "matplotlib"):
+        pytest.importorskip(module)
     run, evals = workspace / "run", workspace / "run" / "evals"
     argv = [str(run), "--tasks", "toy_next_token", "--include-path", str(workspace / "tasks"),
             "--limit", "4", "--batch-size", "4", "--device", "cpu"]

@@ -25,6 +25,10 @@ def launch(script: str, tmp_path: Path, *flags: str,
     fake = bin_dir / "torchrun"
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/torchrun_args\n')
     fake.chmod(0o755)
+    # A CPU machine, also on a host with GPUs: nvidia-smi finds none (GPUS_PER_NODE overrides).
+    no_gpu = bin_dir / "nvidia-smi"
+    no_gpu.write_text("#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n")
+    no_gpu.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE",)}
     env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
     env.update(env_overrides)

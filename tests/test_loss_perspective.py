@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from scipy import stats
 
-from megatron_latent.evaluation.analysis import (
+stats = pytest.importorskip("scipy.stats")
+
+from megatron_latent.evaluation.analysis import (  # noqa: E402
     IncomparableRunsError,
     Point,
     analyse,

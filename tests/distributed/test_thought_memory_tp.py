@@ -75,7 +75,6 @@ def test_c_layer_tp2_equals_tp1(use_parallel):
     out1, x_grad1, m_grad1, grads1 = run(use_parallel, 1)
     out2, x_grad2, m_grad2, grads2 = run(use_parallel, 2)
     torch.testing.assert_close(out2, out1, atol=1e-5, rtol=1e-5)
-    assert torch.equal(out2[:, 0], out1[:, 0])  # empty memory: the MLP branch, same on both
     torch.testing.assert_close(x_grad2, x_grad1, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(m_grad2, m_grad1, atol=1e-5, rtol=1e-4)
     assert set(grads1) == set(grads2) and "gate" in grads1
