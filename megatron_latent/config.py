@@ -48,6 +48,9 @@ class ModelConfig:
     #: Explicit std for the output projections, overriding wang_init when set.
     output_init_std: float | None = None
     attention_backend: AttentionBackend = "auto"
+    #: Ids a method adds right after the tokenizer's vocabulary (thought memory's PAD, BOS,
+    #: EOS, EOD): inside the padded embedding, never sampled as text.
+    extra_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.max_position_embeddings is None:
@@ -77,9 +80,10 @@ class ModelConfig:
         return 2.0 / (depth * math.sqrt(self.hidden_size))
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        """Vocabulary rounded up to a multiple of `make_vocab_size_divisible_by` x TP."""
+        """Vocabulary (with a method's `extra_vocab` ids) rounded up to a multiple of
+        `make_vocab_size_divisible_by` x TP."""
         multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
+        return int(math.ceil((self.vocab_size + self.extra_vocab) / multiple) * multiple)
 
     def validate(self, tensor_parallel_size: int = 1) -> None:
         """Raise ConfigError naming the first impossible value; allocates nothing."""

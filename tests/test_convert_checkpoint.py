@@ -285,3 +285,21 @@ def test_a_missing_recorded_tokenizer_is_one_clear_error(single_process_parallel
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("generate.py: error: --tokenizer-model") and str(model_file) in last
     assert f"the tokenizer {ckpt} records" in last
+
+
+def test_recut_fits_the_vocabulary_padding_of_the_new_tp_size():
+    """516 ids pad to 576 rows at TP=1 (multiple 64) and 640 at TP=2 (multiple 128): a re-cut
+    keeps every real row, zero-pads the new padding, and cuts only padding when shrinking."""
+    full = {"embedding.word_embeddings.weight": torch.arange(576 * 3.0).reshape(576, 3),
+            "output_layer.weight": torch.arange(576 * 3.0).reshape(576, 3) + 1,
+            "decoder.layers.0.cross_attention.linear_kv.weight": torch.arange(8.0).reshape(4, 2)}
+    shards = [mapping.shard_for_rank(full, 2, rank, vocab_rows=640) for rank in (0, 1)]
+    embed = torch.cat([s["embedding.word_embeddings.weight"] for s in shards])
+    assert embed.shape == (640, 3)
+    assert torch.equal(embed[:576], full["embedding.word_embeddings.weight"])
+    assert not embed[576:].any()
+    # memory cross-attention K|V rows are split over TP like QKV (heads contiguous)
+    assert torch.equal(shards[1]["decoder.layers.0.cross_attention.linear_kv.weight"],
+                       full["decoder.layers.0.cross_attention.linear_kv.weight"][2:])
+    back = mapping.shard_for_rank(mapping.merge_shards(shards), 1, 0, vocab_rows=576)
+    assert torch.equal(back["output_layer.weight"], full["output_layer.weight"])

@@ -34,6 +34,28 @@ def write_token_dataset(prefix: str, num_documents: int = 64, vocab_size: int = 
     return prefix
 
 
+def write_sentence_dataset(prefix: str, num_documents: int = 48, vocab_size: int = TINY_VOCAB,
+                           seed: int = 0, sentences: tuple[int, int] = (2, 10),
+                           lengths: tuple[int, int] = (3, 14)) -> str:
+    """A sentence-level (--split-sentences style) dataset: documents of several sentences of
+    Markov-ish tokens, the last ending in the EOD id (vocab - 1), as --append-eod writes."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(num_documents):
+        pieces = []
+        for _ in range(int(rng.integers(*sentences))):
+            length = int(rng.integers(*lengths))
+            start = int(rng.integers(0, vocab_size - 1))
+            pieces.append((start + np.cumsum(rng.integers(1, 4, size=length))) % (vocab_size - 1))
+        pieces[-1] = np.append(pieces[-1], vocab_size - 1)
+        builder.add_document(np.concatenate(pieces).astype(np.int64), [len(p) for p in pieces])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
 def write_wordlevel_tokenizer(directory: str, vocab_size: int = TINY_VOCAB) -> str:
     """A Hugging Face tokenizer.json whose ids are the synthetic corpus' ids ("t0", "t1", ...,
     with <|endoftext|> last), so real-data runs need no trained tokenizer."""

@@ -7,6 +7,8 @@ r"""Generate text from a checkpoint of any method (KV-cached; one cache per pond
 
 Prompts come from --prompt (repeatable) or --prompt-file (one per line); all are decoded as
 one batch. The tokenizer is the one recorded in the checkpoint unless --tokenizer-* is given.
+A method with its own text generation (its MethodSpec.generate_text, e.g. thought memory's
+sentence-by-sentence decoding) is handed the text prompts instead.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_latent.distributed import destroy_parallel
     from megatron_latent.inference import GenerationConfig, generate_with_details
     from megatron_latent.inference.loading import load_model_for_inference
+    from megatron_latent.methods.registry import get_method
 
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -90,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens, greedy=args.greedy,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             stop_token_ids=(int(tokenizer.eod),), stop_strings=tuple(args.stop))
+        spec = get_method(loaded.run.method)
         encoded = [tokenizer.tokenize(prompt) for prompt in prompts]
-        results = generate_with_details(loaded.model, encoded, config,
-                                        detokenize=tokenizer.detokenize,
-                                        use_cache=not args.no_cache)
+        if spec.generate_text is not None:  # the method decodes text its own way
+            results = spec.generate_text(loaded.model, tokenizer, prompts, config,
+                                         use_cache=not args.no_cache)
+        else:
+            results = generate_with_details(loaded.model, encoded, config,
+                                            detokenize=tokenizer.detokenize,
+                                            use_cache=not args.no_cache)
     except (ConfigError, ValueError) as error:
         if isinstance(error, TokenizerError) and not any(
                 (args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)):

@@ -9,7 +9,9 @@ Model args: ``load`` (checkpoint directory), ``iteration``, ``tensor_model_paral
 ``tp``), ``batch_size``, ``max_length`` (default: the run's seq length), ``max_gen_toks``,
 ``device`` (auto/cpu/cuda/cuda:N), ``dtype`` (auto: bf16 on CUDA, fp32 on the CPU),
 ``tokenizer_type``/``tokenizer_model``/``vocab_file``/``merge_file``, ``prefix_token_id``,
-``seed`` (sampling in generate_until).
+``seed`` (sampling in generate_until), ``sentence_language``/``split_on_newlines`` (the
+sentence splitter of a method that scores sentence by sentence: preprocessing's ``--lang`` and
+``--split-on-newlines``).
 
 Scores come from the method model's own forward (pondering passes included): logits sharded
 over the vocabulary ([b, s, V/tp]) are reduced TP-aware (max, log-sum-exp, argmax, target
@@ -17,6 +19,12 @@ logit), never gathered whole. The softmax runs over the model's whole (padded) v
 training's loss and an exported Hugging Face model do. lm-eval's ``rank``/``world_size`` are
 the data-parallel rank/size: the TP ranks of one replica receive the same requests, run the
 same forwards and return the same results.
+
+A method whose spec has ``score_continuations`` (thought memory: sentence rows, not one token
+sequence) scores itself: ``loglikelihood`` hands it the (context, continuation) strings,
+``loglikelihood_rolling`` the whole document as the continuation of an empty context (one
+stream, no windows), and ``max_length`` does not apply to them. ``generate_until`` uses the
+spec's ``generate_text`` when it has one. The backend branches on these hooks only.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from ..inference.generation import generate_with_details
 from ..inference.loading import LoadedModel, load_model_for_inference
 from ..inference.sampling import GenerationConfig
 from ..inference.stepping import max_positions, sequence_parallel_disabled
+from ..methods.registry import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +129,15 @@ def vocab_parallel_scores(logits: torch.Tensor, targets: torch.Tensor
     return picked - top - sum_exp.log(), argmax
 
 
+def _as_bool(value: bool | str) -> bool:
+    """A model arg that lm-eval may pass as a string ("True", "false", "1")."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", ""):
+            raise ConfigError(f"expected a boolean, got {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
+
+
 # lm_eval.models (imported above for its utils) has registered lm-eval's own model names
 # first: its registry fills itself only while empty.
 @register_model("megatron_latent")
@@ -143,6 +161,8 @@ class MegatronLatentLM(TemplateLM):
         merge_file: str | None = None,
         prefix_token_id: int | None = None,
         seed: int = 0,
+        sentence_language: str = "en",
+        split_on_newlines: bool | str = False,
         max_batch_size: int | None = None,  # lm-eval passes it; batches are fixed-size here
         loaded: LoadedModel | None = None,
     ) -> None:
@@ -175,9 +195,16 @@ class MegatronLatentLM(TemplateLM):
         param = next(self.model.parameters())
         self._device = param.device
         self._dtype = param.dtype
+        spec = get_method(loaded.run.method)
+        #: The method's own scoring and generation (None: token-sequence scoring, the
+        #: project's KV-cached generation).
+        self._score_hook = spec.score_continuations
+        self._generate_hook = spec.generate_text
+        self._sentence_options = {"language": str(sentence_language),
+                                  "split_on_newlines": _as_bool(split_on_newlines)}
         limit = max_positions(self.model)
         self._max_length = int(max_length or loaded.run.model.seq_length)
-        if limit is not None and self._max_length > limit:
+        if self._score_hook is None and limit is not None and self._max_length > limit:
             raise ConfigError(f"max_length {self._max_length} exceeds the model's "
                               f"max_position_embeddings {limit}")
         self._max_gen_toks = int(max_gen_toks)
@@ -236,7 +263,8 @@ class MegatronLatentLM(TemplateLM):
                 "method_args": dict(run.method_args),
                 "tensor_model_parallel_size": tp_size(),
                 "model_dtype": str(self._dtype), "max_length": self.max_length,
-                "prefix_token_id": self.prefix_token_id}
+                "prefix_token_id": self.prefix_token_id,
+                "method_scoring": self._score_hook is not None}
 
     # -- data-parallel hooks (lm-eval's rank = the DP rank) --------------------------------
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -263,7 +291,28 @@ class MegatronLatentLM(TemplateLM):
 
     # -- scoring ---------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self._score_hook is not None:
+            pairs = [tuple(request.args) for request in requests]
+            scores = self._method_scores(pairs, "loglikelihood requests", disable_tqdm)
+            for pair, score in zip(pairs, scores):
+                self.cache_hook.add_partial("loglikelihood", pair, score)
+            return scores
         return super().loglikelihood(requests, disable_tqdm or not self._show_progress)
+
+    def _method_scores(self, pairs: list[tuple[str, str]], desc: str,
+                       disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """The method's own scores of (context, continuation) strings, a few batches per
+        call so that the progress bar moves."""
+        scores: list[tuple[float, bool]] = []
+        step = self.batch_size * 8
+        with tqdm(total=len(pairs), desc=desc,
+                  disable=disable_tqdm or not self._show_progress) as progress:
+            for start in range(0, len(pairs), step):
+                part = pairs[start:start + step]
+                scores += self._score_hook(self.model, self.tokenizer, part,
+                                           batch_size=self.batch_size, **self._sentence_options)
+                progress.update(len(part))
+        return scores
 
     @torch.no_grad()
     def _score_batch(self, inputs: list[list[int]], asks: list[list[tuple[int, list[int]]]]
@@ -346,7 +395,16 @@ class MegatronLatentLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents in windows of max_length tokens, exactly as
         lm-eval's HF backend: the first window is the prefix token and max_length - 1
-        tokens, the next ones disjoint with the longest context; every token scored once."""
+        tokens, the next ones disjoint with the longest context; every token scored once.
+        A method that scores itself gets the whole document as the continuation of an empty
+        context (every token scored once, the first from the method's own start)."""
+        if self._score_hook is not None:
+            strings = [request.args[0] for request in requests]
+            scores = self._method_scores([("", string) for string in strings],
+                                         "loglikelihood_rolling requests", disable_tqdm)
+            for string, (total, _) in zip(strings, scores):
+                self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+            return [total for total, _ in scores]
         windows: list[TokenRequest] = []
         owners: list[int] = []
         strings = [request.args[0] for request in requests]
@@ -368,7 +426,8 @@ class MegatronLatentLM(TemplateLM):
     # -- generation ------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """KV-cached generation (one cache per pondering pass) until a stop string, the
-        end-of-document token or max_gen_toks; the text is cut at the first stop string."""
+        end-of-document token or max_gen_toks; the text is cut at the first stop string.
+        A method with its own `generate_text` gets the context strings and the same config."""
         args = [request.args for request in requests]
         encoded = {context: self.tok_encode(context) for context, _ in args}
         collator = Collator(args, sort_fn=lambda item: (-len(encoded[item[0]]), item[0]),
@@ -380,10 +439,13 @@ class MegatronLatentLM(TemplateLM):
         for chunk in collator.get_batched(n=self.batch_size):
             contexts, all_kwargs = zip(*chunk)
             config, until = self._generation_config(all_kwargs[0])
-            room = self.max_length - config.max_new_tokens
-            prompts = [(encoded[c] or [self.prefix_token_id])[-room:] for c in contexts]
-            outputs = generate_with_details(self.model, prompts, config,
-                                            detokenize=self.tok_decode)
+            if self._generate_hook is not None:
+                outputs = self._generate_hook(self.model, self.tokenizer, list(contexts), config)
+            else:
+                room = self.max_length - config.max_new_tokens
+                prompts = [(encoded[c] or [self.prefix_token_id])[-room:] for c in contexts]
+                outputs = generate_with_details(self.model, prompts, config,
+                                                detokenize=self.tok_decode)
             for context, output in zip(contexts, outputs):
                 text = output.text if output.text is not None else self.tok_decode(output.tokens)
                 for stop in until + [eos_text]:
@@ -399,7 +461,7 @@ class MegatronLatentLM(TemplateLM):
         kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
         until = [s for s in kwargs.pop("until") if s]
         max_new = int(kwargs.pop("max_gen_toks"))
-        if max_new >= self.max_length:
+        if self._generate_hook is None and max_new >= self.max_length:
             raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in "
                              f"max_length {self.max_length}")
         temperature = float(kwargs.get("temperature") or 0.0)

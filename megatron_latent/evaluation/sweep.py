@@ -168,34 +168,46 @@ def logged_valid_losses(records: list[dict[str, Any]], iteration: int) -> dict[s
 
 
 # -- held-out loss on the run's validation slice ------------------------------------------------
-def validation_sets(run: RunConfig, tokenizer) -> list[tuple[str, Any]]:
-    """The trainer's validation datasets for `run` (training.data.build_run_datasets, so the
-    same fixed slice): ``("validation", blend)`` and, for a blend of several datasets,
-    ``(basename, dataset)`` per component; [] without validation data."""
-    from ..training.data import build_run_datasets
+def validation_sets(run: RunConfig, tokenizer) -> list[tuple[str, list[dict]]]:
+    """The trainer's validation micro-batches for `run`, the same fixed slice: for GPT data
+    (training.data.build_run_datasets) ``("validation", blend)`` and, for a blend of several
+    datasets, ``(basename, dataset)`` per component; for a method with its own data, what its
+    `validation()` gives. [] without validation data."""
+    from ..arguments import method_options
+    from ..methods.registry import get_method
+    from ..training.data import build_run_datasets, valid_batches
 
+    spec = get_method(run.method)
+    if spec.build_data is not None:
+        data = spec.build_data(run, tokenizer, method_options(run), 0, 0,
+                               run.training.total_iters())
+        return [(name, batches) for name, batches in data.validation() if batches]
     _, sets = build_run_datasets(run, tokenizer, run.training.total_iters())
-    return [(name if name == "validation" else os.path.basename(name), dataset)
-            for name, dataset in sets]
+    return [(name if name == "validation" else os.path.basename(name),
+             valid_batches(run, dataset)) for name, dataset in sets]
 
 
 @torch.no_grad()
 def heldout_losses(model: torch.nn.Module, run: RunConfig, valid_sets: list[tuple[str, Any]],
                    device: torch.device) -> dict[str, float]:
     """Per-token mean LM loss of `model` on each validation set, over the same micro-batches
-    (training.data.valid_batches) and loss mask as the trainer's evaluation."""
+    (`validation_sets`) and loss mask as the trainer's evaluation."""
     from megatron.core import parallel_state
 
-    from ..training.data import valid_batches
+    from ..methods.registry import get_method
     from ..training.engines.base import model_inputs, split_model_output
 
+    spec = get_method(run.method)
     model.eval()
     out = {}
-    for name, dataset in valid_sets:
+    for name, batches in valid_sets:
         sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for batch in valid_batches(run, dataset):
-            inputs = model_inputs(batch, device, run.data.reset_attention_mask,
-                                  run.data.reset_position_ids)
+        for batch in batches:
+            if spec.model_inputs is not None:
+                inputs = spec.model_inputs(batch, device)
+            else:
+                inputs = model_inputs(batch, device, run.data.reset_attention_mask,
+                                      run.data.reset_position_ids)
             per_token, _ = split_model_output(model(**inputs))
             mask = batch["loss_mask"].to(device, torch.float32)
             sums[0] += (per_token.float() * mask).sum().double()

@@ -56,7 +56,8 @@ def load_model_for_inference(
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=device.type == "cpu", perform_initialization=False)
     model = spec.build_model(model_config, runtime, device, options, True, True)
-    load_canonical(model, shard_for_rank(full, tp_size(), tp_rank()))
+    load_canonical(model, shard_for_rank(full, tp_size(), tp_rank(),
+                                         getattr(model, "vocab_size", None)))
     model = model.to(dtype).eval()
 
     settings = run.tokenizer

@@ -43,6 +43,26 @@ class MethodSpec:
     prepare_model_config: Callable[[ModelConfig, Any], ModelConfig] = (
         lambda config, options: config
     )
+    #: The method's own training and validation data (None: Megatron GPT datasets):
+    #: build_data(run, tokenizer, options, consumed_samples, total_iters) -> MethodData
+    #: (megatron_latent.training.data documents the protocol).
+    build_data: Callable[..., Any] | None = None
+    #: Refuse the run's data before any model is built (None: the GPT datasets' checks);
+    #: check_data(run) raises ConfigError naming the path or flag.
+    check_data: Callable[..., None] | None = None
+    #: Model keyword arguments from one of the method's micro-batches on `device` (None: the
+    #: GPT batch's tokens/labels, with the data flags' mask and positions).
+    model_inputs: Callable[[dict, torch.device], dict] | None = None
+    #: Text generation for a model the token-by-token driver cannot step:
+    #: generate_text(model, tokenizer, prompts: list[str], config: GenerationConfig,
+    #: use_cache: bool) -> list[Generation]. None: megatron_latent.inference.generation.
+    generate_text: Callable[..., Any] | None = None
+    #: lm-eval log-likelihoods for a model that is not scored as one token sequence:
+    #: score_continuations(model, tokenizer, pairs: list[tuple[str, str]], batch_size=8,
+    #: language="en", split_on_newlines=False) -> list[tuple[float, bool]] (Σ log p of each
+    #: continuation's tokens, whether every one is the argmax; language / split_on_newlines
+    #: are the sentence splitter's). None: the backend's token-sequence scoring.
+    score_continuations: Callable[..., Any] | None = None
     supports_pipeline_parallel: bool = True
     pipeline_refusal: str = ""
     extra: dict = field(default_factory=dict)
@@ -73,7 +93,8 @@ def available_methods() -> list[str]:
 
 
 #: The methods that ship with the project, one package each (the one place they are listed).
-_BUILTINS = ("megatron_latent.methods.vanilla", "megatron_latent.methods.pondering")
+_BUILTINS = ("megatron_latent.methods.vanilla", "megatron_latent.methods.pondering",
+             "megatron_latent.methods.thought_memory")
 
 
 def _load_builtin_methods() -> None:

@@ -85,7 +85,7 @@ def tp_split_dim(name: str) -> int | None:
     """Dimension along which a canonical parameter is sharded across TP ranks (None = replicated)."""
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return 0
-    if re.search(r"(linear_qkv|linear_fc1)\.(weight|bias)$", name):
+    if re.search(r"(linear_qkv|linear_q|linear_kv|linear_fc1)\.(weight|bias)$", name):
         return 0
     if re.search(r"(linear_proj|linear_fc2)\.weight$", name):
         return 1
@@ -120,8 +120,32 @@ def canonical_shapes(config: ModelConfig, padded_vocab_size: int | None = None
     return shapes
 
 
-def shard_for_rank(full: Mapping[str, Tensor], tp_size: int, tp_rank: int) -> dict[str, Tensor]:
-    """Slice an unsharded canonical state dict down to one TP rank's shard."""
+VOCAB_ROW_WEIGHTS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def resize_vocab_rows(full: Mapping[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """The vocabulary-row weights cut or zero-padded to `rows` (the padding to a multiple of
+    make_vocab_size_divisible_by x TP depends on the TP size; real ids are never cut as long
+    as `rows` is a padded size of the same vocabulary)."""
+    out = dict(full)
+    for name in VOCAB_ROW_WEIGHTS:
+        tensor = out.get(name)
+        if tensor is None or tensor.shape[0] == rows:
+            continue
+        if tensor.shape[0] > rows:
+            out[name] = tensor[:rows]
+        else:
+            out[name] = torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0],
+                                                            *tensor.shape[1:])])
+    return out
+
+
+def shard_for_rank(full: Mapping[str, Tensor], tp_size: int, tp_rank: int,
+                   vocab_rows: int | None = None) -> dict[str, Tensor]:
+    """Slice an unsharded canonical state dict down to one TP rank's shard (with
+    `vocab_rows`, the vocabulary rows first fitted to that padded size)."""
+    if vocab_rows is not None:
+        full = resize_vocab_rows(full, vocab_rows)
     out = {}
     for name, tensor in full.items():
         dim = tp_split_dim(name)

@@ -50,6 +50,9 @@ class TrainState:
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
     consumed_tokens: int = 0
+    #: token positions the model executed (what FLOPs per token count; padding included):
+    #: consumed_tokens for GPT data, more for a method that pads (thought memory's rows)
+    executed_tokens: int = 0
     skipped_iterations: int = 0
     nan_iterations: int = 0
 
@@ -265,7 +268,8 @@ def _load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read checkpoint file {path}: {error}") from error
 
 
-def _load_recut_model_shard(directory: str, saved_tp: int, saved_pp: int
+def _load_recut_model_shard(directory: str, saved_tp: int, saved_pp: int,
+                            vocab_rows: int | None = None
                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This rank's canonical model shard cut from a checkpoint written with another TP/PP
     layout, and the first shard file's payload (for the progress counters)."""
@@ -280,7 +284,7 @@ def _load_recut_model_shard(directory: str, saved_tp: int, saved_pp: int
         by_tp.append(merged)
     full = merge_shards(by_tp)
     shard = shard_for_rank(full, parallel_state.get_tensor_model_parallel_world_size(),
-                           parallel_state.get_tensor_model_parallel_rank())
+                           parallel_state.get_tensor_model_parallel_rank(), vocab_rows)
     return shard, first
 
 
@@ -310,7 +314,9 @@ def load_checkpoint(root: str, engine, scheduler, finetune: bool = False,
         own = _load_file(own_path)
         engine.load_model_state(own["model"])
     else:
-        shard, own = _load_recut_model_shard(directory, saved_tp, saved_pp)
+        shard, own = _load_recut_model_shard(
+            directory, saved_tp, saved_pp,
+            getattr(engine.unwrapped_model(), "vocab_size", None))
         engine.load_model_state(shard)
     if finetune:
         engine.after_weights_loaded_without_optimizer()

@@ -3,6 +3,18 @@
 Training samples are drawn in Megatron's order from `consumed_samples` on, so a resumed run
 continues exactly. Validation always reads the same first `eval_iters x global_batch` samples
 of each validation set, so every evaluation (and every method) is scored on identical tokens.
+
+The loop sees any method's data through two calls (`RunData` here for Megatron GPT datasets;
+a method with its own data, `MethodSpec.build_data`, returns an object with the same two):
+
+- ``train_steps()``: the optimizer steps from the resume point on, each a `StepBatch` (this
+  rank's micro-batches, the same number on every data-parallel rank, and what the whole global
+  batch consumed);
+- ``validation()``: ``[(name, this rank's micro-batches)]``, the same slice at every evaluation.
+
+A micro-batch is a dict the engine hands to `MethodSpec.model_inputs` and whose ``loss_mask``
+weighs the model's per-token loss; the optimised loss is Σ loss × loss_mask / Σ loss_mask over
+the global batch.
 """
 
 from __future__ import annotations
@@ -93,9 +105,36 @@ def check_data(run: RunConfig) -> None:
 
 
 @dataclass
+class StepBatch:
+    """One optimizer step's data on this rank, with the global batch's consumption."""
+
+    microbatches: list[dict[str, torch.Tensor]]
+    #: samples of the global batch (the resume counter: sequences, or a method's units)
+    samples: int
+    #: training tokens of the global batch (non-padding)
+    tokens: int
+    #: token positions the model executes for the global batch (what FLOPs per token count)
+    flop_tokens: int
+
+
+@dataclass
 class RunData:
+    """Megatron GPT datasets: the train loader and the validation datasets."""
+
+    run: RunConfig
     train_loader: Any
     valid_sets: list[tuple[str, Any]]
+
+    def train_steps(self) -> Iterator[StepBatch]:
+        global_batch = self.run.training.global_batch_size
+        tokens = global_batch * self.run.model.seq_length
+        num_microbatches = self.run.training.num_microbatches(
+            parallel_state.get_data_parallel_world_size())
+        for group in microbatch_groups(self.train_loader, num_microbatches):
+            yield StepBatch(group, global_batch, tokens, tokens)
+
+    def validation(self) -> list[tuple[str, list[dict[str, torch.Tensor]]]]:
+        return [(name, valid_batches(self.run, dataset)) for name, dataset in self.valid_sets]
 
 
 def build_run_datasets(run: RunConfig, tokenizer, total_iters: int
@@ -144,7 +183,7 @@ def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters
         num_workers=run.training.num_workers,
         seed=run.training.seed,
     )
-    return RunData(train_loader=loader, valid_sets=valid_sets)
+    return RunData(run=run, train_loader=loader, valid_sets=valid_sets)
 
 
 def valid_batches(run: RunConfig, dataset) -> list[dict[str, torch.Tensor]]:

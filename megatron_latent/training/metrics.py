@@ -52,16 +52,21 @@ class ThroughputWindow:
     started: float = field(default_factory=time.perf_counter)
     iterations: int = 0
     tokens: int = 0
+    flop_tokens: int = 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, flop_tokens: int | None = None) -> None:
+        """One step's training tokens and the token positions it executed (FLOPs are
+        counted per position; padding included); by default the same."""
         self.iterations += 1
         self.tokens += tokens
+        self.flop_tokens += tokens if flop_tokens is None else flop_tokens
 
-    def read_and_reset(self) -> tuple[float, int, int]:
+    def read_and_reset(self) -> tuple[float, int, int, int]:
+        """(seconds, iterations, tokens, executed positions) since the last read."""
         now = time.perf_counter()
         elapsed = now - self.started
-        result = (elapsed, self.iterations, self.tokens)
-        self.started, self.iterations, self.tokens = now, 0, 0
+        result = (elapsed, self.iterations, self.tokens, self.flop_tokens)
+        self.started, self.iterations, self.tokens, self.flop_tokens = now, 0, 0, 0
         return result
 
 

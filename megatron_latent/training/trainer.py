@@ -29,7 +29,7 @@ from ..models.specs import DOCUMENT_MASK_UNDER_TE
 from . import checkpointing
 from .checkpointing import TrainState
 from .config import RunConfig
-from .data import build_run_data, build_run_tokenizer, check_data, microbatch_groups, valid_batches
+from .data import build_run_data, build_run_tokenizer, check_data
 from .engines import Engine, make_engine
 from .metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, format_train_line
 from .save_lock import lock_save_directory
@@ -132,7 +132,7 @@ def validate_run(run: RunConfig, spec: MethodSpec, world_size: int, device: torc
         raise ConfigError(f"--load {run.checkpoint.load} is a file, not a checkpoint directory")
     if run.logging.log_interval <= 0:
         raise ConfigError("--log-interval must be positive")
-    check_data(run)
+    (spec.check_data or check_data)(run)
 
 
 def check_vocab_against_checkpoint(run: RunConfig) -> None:
@@ -308,8 +308,13 @@ class Trainer:
             )
             if run.checkpoint.finetune:
                 self.scheduler = build_scheduler(run, self.engine.optimizer, self.total_iters)
-        self.data = build_run_data(run, self.tokenizer, self.state.consumed_train_samples,
-                                   self.total_iters)
+        if self.spec.build_data is not None:
+            self.data = self.spec.build_data(run, self.tokenizer, self.options,
+                                             self.state.consumed_train_samples,
+                                             self.state.consumed_tokens, self.total_iters)
+        else:
+            self.data = build_run_data(run, self.tokenizer, self.state.consumed_train_samples,
+                                       self.total_iters)
         self.flops_per_token = training_flops_per_token(run, self.spec, self.options)
         dtype = "bf16" if run.training.bf16 else "fp16" if run.training.fp16 else "fp32"
         self.peak_tflops = device_peak_tflops(self.device, dtype)
@@ -330,8 +335,7 @@ class Trainer:
     # -- pieces of the loop ------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         results = {}
-        for name, dataset in self.data.valid_sets:
-            batches = valid_batches(self.run, dataset)
+        for name, batches in self.data.validation():
             if not batches:
                 continue
             outcome = self.engine.evaluate(batches)
@@ -371,26 +375,27 @@ class Trainer:
         window = ThroughputWindow()
         started = time.time()
         global_batch = run.training.global_batch_size
-        tokens_per_sample = run.model.seq_length
         log_loss, log_aux, log_count = 0.0, {}, 0
-        batches = microbatch_groups(self.data.train_loader, self.num_microbatches)
+        steps = self.data.train_steps()
         try:
             while self.state.iteration < self.total_iters:
                 try:
-                    microbatches = next(batches)
+                    step = next(steps)
                 except StopIteration:
                     summary.stopped_by = "data exhausted"
                     break
-                result = self.engine.train_step(microbatches)
+                result = self.engine.train_step(step.microbatches)
+                self.last_step_samples = step.samples
                 self.state.iteration += 1
-                self.state.consumed_train_samples += global_batch
-                self.state.consumed_tokens += global_batch * tokens_per_sample
+                self.state.consumed_train_samples += step.samples
+                self.state.consumed_tokens += step.tokens
+                self.state.executed_tokens += step.flop_tokens
                 self.scheduler.step(increment=global_batch)
                 if result.skipped:
                     self.state.skipped_iterations += 1
                 if result.nan:
                     self.state.nan_iterations += 1
-                window.add(global_batch * tokens_per_sample)
+                window.add(step.tokens, step.flop_tokens)
                 if not result.nan:
                     log_loss += result.lm_loss
                     for key, value in result.aux.items():
@@ -447,19 +452,22 @@ class Trainer:
             self.close()
 
     def _log_train(self, result, window, loss_sum, aux_sums, count, summary) -> None:
-        elapsed, iterations, tokens = window.read_and_reset()
+        elapsed, iterations, tokens, flop_tokens = window.read_and_reset()
         tokens_per_second = tokens / max(elapsed, 1e-9)
         world = dist.get_world_size()
-        tflops = self.flops_per_token * tokens_per_second / world / 1e12
+        tflops = self.flops_per_token * flop_tokens / max(elapsed, 1e-9) / world / 1e12
         mean_loss = loss_sum / count if count else float("nan")
         values = {
             "iteration": self.state.iteration,
             "train_iters": self.total_iters,
             "consumed_samples": self.state.consumed_train_samples,
             "consumed_tokens": self.state.consumed_tokens,
+            "executed_tokens": self.state.executed_tokens,
             "ms_per_iteration": 1000.0 * elapsed / max(iterations, 1),
             "learning_rate": self.scheduler.get_lr(self.engine.optimizer.param_groups[0]),
-            "global_batch_size": self.run.training.global_batch_size,
+            # samples of the last step: --global-batch-size, or a method's own unit (streams)
+            "global_batch_size": getattr(self, "last_step_samples",
+                                         self.run.training.global_batch_size),
             "lm_loss": mean_loss,
             "aux": {k: v / count for k, v in aux_sums.items()} if count else {},
             "loss_scale": result.loss_scale,

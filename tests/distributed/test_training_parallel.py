@@ -93,13 +93,12 @@ def first_step_gradients(argv):
     from megatron_latent.arguments import parse_run_config
     from megatron_latent.distributed import tp_group, tp_size
     from megatron_latent.models import hf_gpt_neox as mapping
-    from megatron_latent.training.data import microbatch_groups
     from megatron_latent.training.trainer import Trainer
 
     run, _ = parse_run_config(argv)
     trainer = Trainer(run)
     trainer.setup()
-    batches = next(microbatch_groups(trainer.data.train_loader, trainer.num_microbatches))
+    batches = next(trainer.data.train_steps()).microbatches
     result = trainer.engine.train_step(batches)
     model = trainer.engine.unwrapped_model()
     grads = mapping.canonical_state_dict({n: p.grad.clone() for n, p in model.named_parameters()})

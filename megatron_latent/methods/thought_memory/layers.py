@@ -202,11 +202,18 @@ class SentenceVectorHead(torch.nn.Module):
         self.dropout = dropout
         self.hinge_weight, self.low, self.high = hinge_weight, low, high
 
-    def forward(self, hidden: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """hidden [n, h] (the residual stream at each row's first EOS), valid [n] bool."""
+    def forward(self, hidden: Tensor, valid: Tensor | None = None,
+                row_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """hidden [n, h] (the residual stream at each row's first EOS), valid [n] bool.
+
+        With `row_weights` [n] the hinge is weight * Σ penalty * row_weights (the caller
+        normalises, e.g. over a whole global batch) instead of the mean over valid rows."""
         s = self.linear(F.dropout(self.norm(hidden), self.dropout, self.training))
         norm = s.norm(dim=-1)
         penalty = (self.low - norm).clamp(min=0) ** 2 + (norm - self.high).clamp(min=0) ** 2
+        if row_weights is not None:
+            hinge = self.hinge_weight * (penalty * row_weights.to(penalty.dtype)).sum()
+            return s / norm.clamp(min=1e-12)[:, None], hinge
         if valid is None:
             valid = torch.ones_like(norm, dtype=torch.bool)
         weight = valid.to(penalty.dtype)

@@ -146,15 +146,27 @@ class ThoughtMemoryModel(PythiaModel):
                 source = hidden
         return self.decoder.final_layernorm(hidden), source
 
-    def forward(self, input_ids: Tensor, targets: Tensor, weights: Tensor, valid: Tensor,
+    def forward(self, input_ids: Tensor, targets: Tensor, weights: Tensor | None = None,
+                valid: Tensor | None = None, hinge_rows: Tensor | None = None,
                 return_logits: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """input_ids, targets [B, T, L] long, weights [B, T, L], valid [B, T] bool ->
-        (CE × stream_token_weights [B, T, L], aux).
+        """input_ids, targets [B, T, L] long, weights [B, T, L] or None, valid [B, T] bool
+        (None: every row) -> (per-token loss [B, T, L], aux).
 
-        aux: "s_rep_hinge_loss" (Σ_t hinge), "per_token_ce" [B, T, L], "memory_writes"
-        (count), and with `return_logits` "logits" [B, T, L, V/tp].
+        With `weights`, the loss is CE × stream_token_weights (this batch's own aggregate) and
+        aux["s_rep_hinge_loss"] is Σ_t hinge, as in the paper. Without (the trainer: the batch's
+        loss_mask carries weights normalised over the whole global batch, and the engine divides
+        by their sum, the number of sentence indices), the loss is the plain CE and the hinge is
+        averaged over the T indices the same way. With `hinge_rows` [B, T] (per-row weights
+        normalised over the whole global batch by the data builder) the hinge comes as
+        "s_rep_hinge_loss_sum", Σ hinge·hinge_rows, which the engine normalises like the LM
+        loss sum, so micro-batching and data parallelism do not change it. aux also holds
+        "memory_writes" (count),
+        with `weights` "per_token_ce" [B, T, L], and with `return_logits` "logits"
+        [B, T, L, V/tp].
         """
         batch, sentences, length = input_ids.shape
+        if valid is None:
+            valid = torch.ones(batch, sentences, dtype=torch.bool, device=input_ids.device)
         valid = valid.to(torch.bool)
         memory: FifoMemory | None = None
         previous: Tensor | None = None  # S_REP of sentence t-1 [B, h]
@@ -179,7 +191,8 @@ class ThoughtMemoryModel(PythiaModel):
             eos_at = is_eos.to(torch.int64).argmax(dim=1)  # first EOS (0 when none)
             at_eos = source[eos_at, torch.arange(batch, device=ids.device)]  # [B, h]
             write = valid[:, t] & has_eos
-            vectors, row_hinge = self.s_rep(at_eos, write)
+            vectors, row_hinge = self.s_rep(
+                at_eos, write, None if hinge_rows is None else hinge_rows[:, t] * write)
             memory.write(vectors, write)
             previous, wrote = vectors, write
             hinge = hinge + row_hinge
@@ -189,9 +202,16 @@ class ThoughtMemoryModel(PythiaModel):
                 logit_rows.append(logits.transpose(0, 1).clone())
             ce_rows.append(self.compute_language_model_loss(targets[:, t], logits))
         ce = torch.stack(ce_rows, dim=1)  # [B, T, L]
-        loss = ce * stream_token_weights(weights.to(ce.dtype), valid, self.thought.loss_mode)
-        aux: dict[str, Tensor] = {"s_rep_hinge_loss": hinge, "per_token_ce": ce,
-                                  "memory_writes": writes}
+        hinge_key = "s_rep_hinge_loss" if hinge_rows is None else "s_rep_hinge_loss_sum"
+        if weights is None:
+            loss = ce
+            if hinge_rows is None:
+                hinge = hinge / sentences
+        else:
+            loss = ce * stream_token_weights(weights.to(ce.dtype), valid, self.thought.loss_mode)
+        aux: dict[str, Tensor] = {hinge_key: hinge, "memory_writes": writes}
+        if weights is not None:  # the trainer's aux values are scalars; its loss is the CE
+            aux["per_token_ce"] = ce
         if return_logits:
             aux["logits"] = torch.stack(logit_rows, dim=1)
         return loss, aux

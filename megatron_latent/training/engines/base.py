@@ -18,6 +18,11 @@ from torch import Tensor
 from ...methods.registry import MethodSpec
 from ..config import RunConfig
 
+#: An aux key ending so is a sum over the micro-batch that the engines normalise like the LM
+#: loss sum (by the global batch's loss-mask sum) and add to the optimised loss; a key ending
+#: in "_loss" is a per-micro-batch mean, averaged over micro-batches and ranks.
+SUMMED_AUX_LOSS = "_loss_sum"
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised under --exit-on-nan when a loss or gradient norm is NaN/Inf."""
@@ -47,7 +52,8 @@ class EvalResult:
 
 
 def split_model_output(output: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """A method's model returns per-token loss, or (per-token loss, aux dict)."""
+    """A method's model returns per-token loss, or (per-token loss, aux dict); see
+    SUMMED_AUX_LOSS for how aux losses enter the objective."""
     if isinstance(output, tuple):
         loss, aux = output
         return loss, dict(aux or {})
@@ -134,7 +140,10 @@ class Engine(ABC):
     def load_optimizer_state(self, state: dict[str, Any], directory: str) -> None: ...
 
     def batch_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Model keyword arguments for one micro-batch, as the run's data flags ask."""
+        """Model keyword arguments for one micro-batch: the method's own, or the GPT batch's
+        as the run's data flags ask."""
+        if self.method.model_inputs is not None:
+            return self.method.model_inputs(batch, self.device)
         return model_inputs(batch, self.device, self.run.data.reset_attention_mask,
                             self.run.data.reset_position_ids)
 

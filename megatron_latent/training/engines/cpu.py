@@ -26,6 +26,7 @@ from ...models.hf_gpt_neox import load_canonical, model_to_canonical
 from ...models.language_model import RuntimeOptions
 from ...models.layers import ParallelResidualLayer
 from .base import (
+    SUMMED_AUX_LOSS,
     Engine,
     EvalResult,
     NonFiniteLossError,
@@ -147,12 +148,16 @@ class CPUEngine(Engine):
                 # optimised loss is the mean over all tokens of the global batch.
                 objective = lm_sum * (self.dp_size / global_tokens)
                 for key, value in aux.items():
-                    if key.endswith("_loss"):
+                    if key.endswith(SUMMED_AUX_LOSS):  # normalised like the LM loss sum
+                        objective = objective + value.float() * (self.dp_size / global_tokens)
+                    elif key.endswith("_loss"):
                         objective = objective + value.float() / count
                 objective.backward()
             loss_sum += lm_sum.detach().double()
             for key, value in aux.items():
-                aux_sums[key] = aux_sums.get(key, 0.0) + value.detach().double() / count
+                share = (self.dp_size / global_tokens if key.endswith(SUMMED_AUX_LOSS)
+                         else 1.0 / count)
+                aux_sums[key] = aux_sums.get(key, 0.0) + value.detach().double() * share
         allreduce_sequence_parallel_grads(self.model)
 
         loss_total = self._all_reduce_dp(loss_sum.reshape(1)).item()

@@ -4,8 +4,11 @@ megatron-core DistributedDataParallel (contiguous grad buffers, overlapped bucke
 its optimizer (`get_megatron_optimizer`: fp32 main params for bf16/fp16, dynamic loss scale,
 clipping, optional distributed optimizer that shards state over data-parallel ranks), and its
 forward/backward schedules (`get_forward_backward_func`, pipelined when PP > 1). Losses are
-per-token sums with `calculate_per_token_loss`, so `finalize_model_grads` divides by the global
-token count: the same objective as the CPU engine.
+per-token sums with `calculate_per_token_loss`; each micro-batch counts as one "token" there and
+its loss is scaled by (micro-batches in the global batch) / (the global batch's loss-mask sum),
+so `finalize_model_grads` turns the sum into the mean over the global batch's weighted tokens:
+the same objective as the CPU engine, also for fractional loss masks (megatron-core counts
+tokens as integers).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ...models.language_model import (
 )
 from ..config import RunConfig
 from .base import (
+    SUMMED_AUX_LOSS,
     Engine,
     EvalResult,
     NonFiniteLossError,
@@ -164,22 +168,39 @@ class MegatronEngine(Engine):
         inputs = self.batch_inputs(batch)
         output = model(**inputs)
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
-        return output, partial(self._loss, loss_mask)
+        return output, partial(self._loss, loss_mask, self._objective_scale)
+
+    def _set_objective_scale(self, microbatches: list[dict[str, Tensor]]) -> None:
+        """(micro-batches over DP) / (loss-mask sum over DP), for `_loss`."""
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in microbatches:
+            local[0] += batch["loss_mask"].double().sum().to(self.device)
+        local[1] = len(microbatches)
+        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+        if local[0].item() <= 0:
+            raise ConfigError("a global batch has no tokens with loss (check --eod-mask-loss)")
+        self._objective_scale = local[1].item() / local[0].item()
 
     @staticmethod
-    def _loss(loss_mask: Tensor, output: Any):
+    def _loss(loss_mask: Tensor, scale: float, output: Any):
         per_token, aux = split_model_output(output)
         mask = loss_mask.float()
         lm_sum = (per_token.float() * mask).sum()
         tokens = mask.sum()
         objective = lm_sum
         for key, value in aux.items():
-            if key.endswith("_loss"):
+            if key.endswith(SUMMED_AUX_LOSS):  # a sum, normalised like the LM loss sum
+                objective = objective + value.float()
+            elif key.endswith("_loss"):
                 objective = objective + value.float() * tokens
         report = {"lm loss": torch.stack([lm_sum.detach(), tokens.detach()])}
         for key, value in aux.items():
-            report[key] = torch.stack([value.detach().float() * tokens, tokens.detach()])
-        return objective, tokens.int(), report
+            total = value.detach().float()
+            if not key.endswith(SUMMED_AUX_LOSS):
+                total = total * tokens
+            report[key] = torch.stack([total, tokens.detach()])
+        one = torch.ones((), dtype=torch.int, device=mask.device)
+        return objective * scale, one, report
 
     def _run_schedule(self, microbatches, forward_only: bool):
         seq_length = microbatches[0]["tokens"].shape[1]
@@ -225,6 +246,7 @@ class MegatronEngine(Engine):
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self._set_objective_scale(microbatches)
         reports = self._run_schedule(microbatches, forward_only=False)
         reduced = self._reduce_reports(reports)
         lm_sum, tokens = reduced.get("lm loss", (float("nan"), 0.0))
@@ -260,6 +282,7 @@ class MegatronEngine(Engine):
     def evaluate(self, microbatches: list[dict[str, Tensor]]) -> EvalResult:
         for chunk in self.model_chunks:
             chunk.eval()
+        self._objective_scale = 1.0  # forward only: the reports carry the sums
         reports = self._run_schedule(microbatches, forward_only=True)
         for chunk in self.model_chunks:
             chunk.train()
