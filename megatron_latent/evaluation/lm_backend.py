@@ -309,8 +309,10 @@ class MegatronLatentLM(TemplateLM):
                   disable=disable_tqdm or not self._show_progress) as progress:
             for start in range(0, len(pairs), step):
                 part = pairs[start:start + step]
-                scores += self._score_hook(self.model, self.tokenizer, part,
-                                           batch_size=self.batch_size, **self._sentence_options)
+                with sequence_parallel_disabled(self.model):  # rows need not split over TP
+                    scores += self._score_hook(self.model, self.tokenizer, part,
+                                               batch_size=self.batch_size,
+                                               **self._sentence_options)
                 progress.update(len(part))
         return scores
 

@@ -3,7 +3,7 @@ seeding, per-index loss) at TP=2 equals TP=1 on the same full-size weights and t
 batch: total loss (LM part + S_REP hinge), the hinge, and every parameter's gradient (sharded
 ones gathered along megatron's partition dim; replicated ones equal on both TP ranks). Planted
 TP bugs (one rank's shard on both ranks; the memory gradient's all-reduce skipped) must fail.
-Sequence parallelism is refused.
+With sequence parallelism too (rows split along the sequence), rows of L divisible by TP.
 
 Results are gathered over the world before anything is asserted, so a rank that fails cannot
 leave the other waiting in a collective."""
@@ -16,7 +16,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_latent.config import ConfigError, ModelConfig
-from megatron_latent.distributed import tp_group, tp_rank, tp_size
+from megatron_latent.distributed import (
+    allreduce_sequence_parallel_grads,
+    tp_group,
+    tp_rank,
+    tp_size,
+)
 from megatron_latent.methods.thought_memory.model import ThoughtMemoryModel, ThoughtMemoryOptions
 from megatron_latent.methods.thought_memory.streams import StreamLayout, row_arrays
 from megatron_latent.models.language_model import RuntimeOptions, build_pythia_model
@@ -87,15 +92,16 @@ def skip_memory_grad_allreduce(model: torch.nn.Module) -> None:
             layer.cross_attention.linear_kv.disable_grad_reduce = True
 
 
-def run(use_parallel, tp: int, frozen_shard: str | None = None, skip_allreduce: bool = False):
+def run(use_parallel, tp: int, frozen_shard: str | None = None, skip_allreduce: bool = False,
+        sequence_parallel: bool = False):
     """(loss, hinge, {name: full gradient}, {name: [grad on each TP rank]} of replicated
     parameters) of one forward/backward over the stream batch."""
     use_parallel(tp)
     options = ThoughtMemoryOptions(eos_id=LAYOUT.eos, memory_size=MEMORY_SIZE)
     model = build_pythia_model(
         MODEL.replace(make_vocab_size_divisible_by=VOCAB // tp),
-        RuntimeOptions(tensor_model_parallel_size=tp), model_class=ThoughtMemoryModel,
-        options=options)
+        RuntimeOptions(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel),
+        model_class=ThoughtMemoryModel, options=options)
     load_full_weights(model, frozen_shard)
     if skip_allreduce:
         skip_memory_grad_allreduce(model)
@@ -103,6 +109,7 @@ def run(use_parallel, tp: int, frozen_shard: str | None = None, skip_allreduce: 
     hinge = aux["s_rep_hinge_loss"]
     loss = out.sum() + hinge
     loss.backward()
+    allreduce_sequence_parallel_grads(model)  # what the engines do (LayerNorms, gates)
     local = {name: (p.grad.detach().clone(), partition_dim(p))
              for name, p in model.named_parameters()}
     per_rank = [local]
@@ -192,16 +199,29 @@ def test_planted_tp_bugs_fail(use_parallel, plant):
             assert any(p.startswith("replicated grad s_rep") for p in problems), problems
 
 
-def test_sequence_parallel_is_refused(use_parallel):
+def test_sequence_parallel_equals_tp1(use_parallel):
+    """Rows split along the sequence over TP (S_REP read from the gathered source layer, the
+    seeded BOS on TP rank 0, the memory whole on every rank): the same loss, hinge and
+    gradients as TP=1, replicated gradients equal on both ranks."""
+    one = run(use_parallel, 1)
+    two = run(use_parallel, 2, sequence_parallel=True)
+    seen = all_ranks(compare(one, two))
+    for rank, problems in enumerate(seen):
+        assert not problems, (rank, problems)
+
+
+def test_sequence_parallel_needs_rows_divisible_by_tp(use_parallel):
     use_parallel(2)
     options = ThoughtMemoryOptions(eos_id=LAYOUT.eos, memory_size=MEMORY_SIZE)
     refused = []
     try:
-        build_pythia_model(MODEL.replace(make_vocab_size_divisible_by=VOCAB // 2),
+        build_pythia_model(MODEL.replace(make_vocab_size_divisible_by=VOCAB // 2,
+                                         seq_length=LAYOUT.L + 1,
+                                         max_position_embeddings=LAYOUT.L + 1),
                            RuntimeOptions(tensor_model_parallel_size=2, sequence_parallel=True),
                            model_class=ThoughtMemoryModel, options=options)
     except ConfigError as error:
         refused.append(str(error))
     seen = all_ranks(refused)
     for rank, messages in enumerate(seen):
-        assert messages and "sequence" in messages[0], (rank, messages)
+        assert messages and "--tm-row-length" in messages[0], (rank, messages)

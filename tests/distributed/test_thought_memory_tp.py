@@ -4,7 +4,6 @@ and partial memory rows."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.spec_utils import build_module
@@ -13,7 +12,6 @@ from megatron_latent.config import ModelConfig
 from megatron_latent.distributed import tp_group, tp_rank, tp_size
 from megatron_latent.methods.thought_memory.layers import (
     gated_cross_attention_layer_spec,
-    memory_cross_attention_spec,
 )
 from megatron_latent.models.language_model import RuntimeOptions, build_transformer_config
 
@@ -80,11 +78,3 @@ def test_c_layer_tp2_equals_tp1(use_parallel):
     assert set(grads1) == set(grads2) and "gate" in grads1
     for name in grads1:
         torch.testing.assert_close(grads2[name], grads1[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_sequence_parallel_is_refused(use_parallel):
-    use_parallel(2)
-    config = build_transformer_config(
-        MODEL, RuntimeOptions(tensor_model_parallel_size=2, sequence_parallel=True))
-    with pytest.raises(ValueError, match="sequence parallelism"):
-        build_module(memory_cross_attention_spec(), config=config, layer_number=1)

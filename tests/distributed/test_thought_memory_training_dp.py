@@ -1,6 +1,7 @@
 """Thought-memory training across two gloo processes: data parallelism (streams dealt to the
 ranks, a rank with no stream running an empty row) takes the same steps and scores the same
-validation as one data-parallel rank (TP=2), and a DP=2 run resumes bit for bit."""
+validation as one data-parallel rank (TP=2, also with sequence parallelism), a DP=2 run
+resumes bit for bit, and its checkpoint is re-cut for TP=2."""
 
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ def test_dp2_equals_one_data_parallel_rank_and_resumes_exactly(use_parallel, cor
     assert losses(tensor_parallel) == pytest.approx(losses(data_parallel), rel=1e-5)
     for name, value in data_parallel.validation.items():
         assert tensor_parallel.validation[name] == pytest.approx(value, rel=1e-5), name
+
+    # Rows split along the sequence (one more PAD slot so that L divides by TP): same steps.
+    sequence_parallel, _ = run_training(
+        flags(corpus, "--train-iters", "6", "--tensor-model-parallel-size", "2",
+              "--sequence-parallel", "--tm-row-length", "12"))
+    assert losses(sequence_parallel) == pytest.approx(losses(data_parallel), rel=1e-5)
 
     ckpt = str(corpus[0] / "ckpt_dp2")
     first, _ = run_training(flags(corpus, "--train-iters", "6", "--exit-interval", "3",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -63,8 +64,6 @@ class MemoryCrossAttention(CrossAttention):
 
     def __init__(self, config: TransformerConfig, submodules: CrossAttentionSubmodules,
                  layer_number: int = 1, newest_first: bool = False, **kwargs: Any):
-        if config.sequence_parallel:
-            raise ValueError("memory cross-attention does not support sequence parallelism yet")
         kwargs.pop("attn_mask_type", None)
         super().__init__(config, submodules, layer_number, attn_mask_type=AttnMaskType.no_mask,
                          **kwargs)
@@ -103,6 +102,18 @@ class MemoryCrossAttention(CrossAttention):
         return output, None
 
 
+class ReplicatedInputColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel linear whose input is whole on every TP rank even under sequence
+    parallelism (the memory is not split along the sequence): its input is never gathered,
+    and its input gradient is summed over the TP group as without sequence parallelism."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sequence_parallel = False
+        self.allreduce_dgrad = (parallel_state.get_tensor_model_parallel_world_size() > 1
+                                and not self.disable_grad_reduce)
+
+
 def memory_cross_attention_spec(newest_first: bool = False) -> ModuleSpec:
     """Local (megatron-core linears, SDPA core attention) spec of the memory cross-attention."""
     return ModuleSpec(
@@ -110,7 +121,7 @@ def memory_cross_attention_spec(newest_first: bool = False) -> ModuleSpec:
         params={"newest_first": newest_first},
         submodules=CrossAttentionSubmodules(
             linear_q=ColumnParallelLinear,
-            linear_kv=ColumnParallelLinear,
+            linear_kv=ReplicatedInputColumnParallelLinear,
             core_attention=SDPACoreAttention,
             linear_proj=RowParallelLinear,
         ),
@@ -147,6 +158,8 @@ class GatedCrossAttentionLayer(ParallelResidualLayer):
         self.cross_attention = build_module(submodules.cross_attention, config=config,
                                             **attention_kwargs)
         self.gate = torch.nn.Parameter(torch.ones(1, dtype=config.params_dtype))
+        # under sequence parallelism each rank's gate gradient covers its sequence shard only
+        self.gate.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
@@ -194,6 +207,8 @@ class SentenceVectorHead(torch.nn.Module):
         super().__init__()
         h = config.hidden_size
         self.norm = LayerNorm(config, h, eps=config.layernorm_epsilon)
+        for param in self.norm.parameters():  # it sees whole rows on every rank, also under
+            param.sequence_parallel = False  # sequence parallelism: nothing to sum over TP
         self.linear = torch.nn.Linear(h, h, bias=True, dtype=config.params_dtype)
         if config.perform_initialization:
             with torch.no_grad():

@@ -15,6 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
     TransformerBlockSubmodules,
@@ -109,8 +114,14 @@ class ThoughtMemoryModel(PythiaModel):
 
     def __init__(self, config, model_config: ModelConfig, options: ThoughtMemoryOptions,
                  transformer_impl: str = "local", attention: str = "sdpa", **kwargs):
-        if config.sequence_parallel or config.pipeline_model_parallel_size != 1:
-            raise ConfigError("thought-memory: no sequence or pipeline parallelism yet")
+        if config.pipeline_model_parallel_size != 1:
+            raise ConfigError("thought-memory: no pipeline parallelism")
+        if config.sequence_parallel and model_config.seq_length % \
+                config.tensor_model_parallel_size:
+            raise ConfigError(
+                f"thought-memory under --sequence-parallel: the row length "
+                f"{model_config.seq_length} must be divisible by TP "
+                f"{config.tensor_model_parallel_size} (set --tm-row-length)")
         if not kwargs.get("pre_process", True) or not kwargs.get("post_process", True):
             raise ConfigError("thought-memory needs the whole model on one pipeline stage")
         if config.recompute_granularity == "full":
@@ -133,11 +144,26 @@ class ThoughtMemoryModel(PythiaModel):
         self.s_rep = SentenceVectorHead(config, dropout=options.s_rep_dropout,
                                         hinge_weight=options.hinge_weight)
 
+    def _seed(self, embeds: Tensor, seed: Tensor, wrote: Tensor) -> Tensor:
+        """Replace position 0 of `embeds` [L(/tp), B, h] by `seed` [B, h] where `wrote` [B].
+
+        Under sequence parallelism position 0 lives on TP rank 0; every rank still uses the
+        seed (with a zero mask elsewhere) behind a copy whose backward sums over TP, so each
+        rank receives rank 0's gradient and the backward's collectives run everywhere."""
+        use = wrote[:, None]
+        if self.config.sequence_parallel:
+            seed = copy_to_tensor_model_parallel_region(seed)
+            use = use & (parallel_state.get_tensor_model_parallel_rank() == 0)
+        first = torch.where(use, seed, embeds[0])
+        return torch.cat([first[None], embeds[1:]])
+
     def run_sentence(self, embeds: Tensor, memory: Tensor,
                      counts: Tensor) -> tuple[Tensor, Tensor]:
         """One sentence row through the stack: embeds [L, B, h] ->
         (final-LN hidden [L, B, h], residual stream after the source layer [L, B, h])."""
-        rotary = self.rotary_pos_emb(embeds.shape[0], device=embeds.device)
+        length = embeds.shape[0] * (self.config.tensor_model_parallel_size
+                                    if self.config.sequence_parallel else 1)
+        rotary = self.rotary_pos_emb(length, device=embeds.device)
         hidden, source = embeds, None
         for index, layer in enumerate(self.decoder.layers):
             hidden, _ = layer(hidden_states=hidden, attention_mask=None, context=memory,
@@ -182,13 +208,16 @@ class ThoughtMemoryModel(PythiaModel):
                                            embeds.device, embeds.dtype)
                 hinge = hinge.to(embeds.dtype)
             if previous is not None:  # seeding: the BOS input becomes S_REP of sentence t-1
-                first = torch.where(wrote[:, None], previous.to(embeds.dtype), embeds[0])
-                embeds = torch.cat([first[None], embeds[1:]])
+                embeds = self._seed(embeds, previous.to(embeds.dtype), wrote)
             m, counts = memory.read()
             hidden, source = self.run_sentence(embeds, m, counts)
             is_eos = ids == self.thought.eos_id
             has_eos = is_eos.any(dim=1)
             eos_at = is_eos.to(torch.int64).argmax(dim=1)  # first EOS (0 when none)
+            if self.config.sequence_parallel:  # every rank needs every row's EOS position;
+                # the gradient reaching it is the same on every rank (replicated head)
+                source = gather_from_sequence_parallel_region(
+                    source, tensor_parallel_output_grad=False)
             at_eos = source[eos_at, torch.arange(batch, device=ids.device)]  # [B, h]
             write = valid[:, t] & has_eos
             vectors, row_hinge = self.s_rep(
