@@ -252,6 +252,12 @@ class Trainer:
                  f"FLOPs per token, {run.method}: forward {method_forward:.4g}, training "
                  f"{training_flops_per_token(run, self.spec, self.options):.4g} "
                  f"({method_forward / vanilla:.3f}x vanilla)"]
+        if self.spec.build_data is not None:
+            lines[-1] += (" per position the model executes (padding included; its batches "
+                          "come from the method's own data)")
+            lines.append(f"training steps: {run.training.total_iters()}; tokens per step are "
+                         "set by the method's data flags")
+            return "\n".join(lines)
         tokens = run.training.total_iters() * run.training.global_batch_size * run.model.seq_length
         lines.append(f"training tokens: {tokens:,} "
                      f"({run.training.total_iters()} iterations x "
