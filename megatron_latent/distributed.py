@@ -107,7 +107,7 @@ def initialize_parallel(
             == parallel.pipeline_model_parallel_size
         )
         if not same:
-            parallel_state.destroy_model_parallel()
+            destroy_model_parallel_groups()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -143,10 +143,23 @@ def set_seed(seed: int, device: torch.device) -> None:
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
+def destroy_model_parallel_groups() -> None:
+    """Destroy every process group but the default one, then megatron-core's parallel state.
+
+    megatron-core's destroy_model_parallel only forgets its groups; destroying them frees
+    their communicators (gloo keeps three threads per group), which otherwise pile up with
+    every re-initialisation to another layout."""
+    default = dist.distributed_c10d._get_default_group() if dist.is_initialized() else None
+    for group in list(dist.distributed_c10d._world.pg_map) if default is not None else []:
+        if group is not default:
+            dist.destroy_process_group(group)
+    parallel_state.destroy_model_parallel()
+
+
 def destroy_parallel() -> None:
     """Tear down megatron-core's groups and the process group (tests, re-initialisation)."""
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -36,13 +36,13 @@ def use_parallel(world):
     """Re-cut the two processes into TP x DP with megatron-core's parallel state."""
     from megatron.core import parallel_state
 
-    from megatron_latent.distributed import set_seed
+    from megatron_latent.distributed import destroy_model_parallel_groups, set_seed
 
     def apply(tensor_parallel_size: int, seed: int = 1234):
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
         set_seed(seed, torch.device("cpu"))
 
     yield apply
-    parallel_state.destroy_model_parallel()
+    destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)

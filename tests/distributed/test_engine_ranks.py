@@ -24,9 +24,9 @@ from training_fixtures import (  # noqa: E402
 
 
 def test_pipeline_stages_draw_different_seeds(world):
-    from megatron_latent.distributed import set_seed
+    from megatron_latent.distributed import destroy_model_parallel_groups, set_seed
 
-    parallel_state.destroy_model_parallel()
+    destroy_model_parallel_groups()
     try:
         parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
         set_seed(1234, torch.device("cpu"))
@@ -37,7 +37,7 @@ def test_pipeline_stages_draw_different_seeds(world):
             assert seed == 1234 + 100 * stage  # Megatron-LM's offset per pipeline stage
         assert not torch.equal(seen[0][2], seen[1][2])
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
         parallel_state.initialize_model_parallel()
         set_seed(1234, torch.device("cpu"))
 
