@@ -1,9 +1,11 @@
 """Training methods as plug-ins: each names a model builder, its own flags and its FLOPs.
 
 The training loop only ever sees a `MethodSpec`; it never branches on which method runs.
-A method's model takes `(input_ids, labels=...)` and returns the per-token LM loss [b, s],
-or `(loss, aux)` where `aux` maps names to auxiliary losses/metrics that the loop reduces
-and logs (a key ending in `_loss` is added to the optimised loss).
+A method's model takes `(input_ids, labels=...)` (or what its `model_inputs` hook builds from
+its own micro-batches) and returns the per-token LM loss, or `(loss, aux)` where `aux` maps
+names to auxiliary losses/metrics that the loop reduces and logs (a key ending in `_loss` is
+added to the optimised loss as a per-micro-batch mean, one ending in `_loss_sum` as a sum
+normalised like the LM loss).
 """
 
 from __future__ import annotations
