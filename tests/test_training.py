@@ -131,7 +131,7 @@ def test_kill_during_save_keeps_previous_checkpoint(single_process_parallel, cor
     def die(*args, **kwargs):
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(checkpointing, "_fsync_dir", die)  # after files, before the rename
+    monkeypatch.setattr(checkpointing, "fsync_directory", die)  # after files, before the rename
     with pytest.raises(KeyboardInterrupt):
         trainer.save()
     monkeypatch.undo()

@@ -230,21 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [bounds[i:i + args.chunk_windows] for i in range(0, len(bounds), args.chunk_windows)]
     paths = [os.path.join(work, f"chunk_{c:06d}.npz") for c in range(len(chunks))]
 
-    def read_tokens(begin: int, end: int) -> np.ndarray:
-        seq = int(np.searchsorted(tokens.starts, begin, side="right")) - 1
-        pieces = []
-        while begin < end:
-            offset = begin - int(tokens.starts[seq])
-            take = min(end - begin, int(tokens.starts[seq + 1]) - begin)
-            if take > 0:
-                pieces.append(tokens.dataset.get(seq, offset=offset, length=take))
-            begin += take
-            seq += 1
-        return np.concatenate(pieces).astype(np.int64)
-
     def label(windows: list[tuple[int, int]]) -> tuple[np.ndarray, ...]:
         length = windows[0][1] - windows[0][0]
-        ids = torch.from_numpy(np.stack([read_tokens(s, e) for s, e in windows]))
+        ids = torch.from_numpy(np.stack([tokens.tokens(s, e) for s, e in windows]))
         if int(ids.max()) >= shape.vocab_size:
             raise InputError(f"--data-path {args.data_path} holds token id {int(ids.max())}, "
                              f"outside the teacher's vocabulary ({shape.vocab_size})")

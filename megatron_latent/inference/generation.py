@@ -42,7 +42,7 @@ class Generation:
     text: str | None = None
 
 
-class _Row:
+class PromptProgress:
     """Book-keeping of one prompt during decoding."""
 
     def __init__(self, prompt_length: int):
@@ -122,7 +122,7 @@ def generate_with_details(
     tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
-    rows = [_Row(n) for n in lengths]
+    rows = [PromptProgress(n) for n in lengths]
     generator = torch.Generator(device=device).manual_seed(config.seed)
     start = min(lengths)
     context = make_inference_context(model, batch, total) if use_cache else None

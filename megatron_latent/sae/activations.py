@@ -150,7 +150,10 @@ class TokenWindows:
 
     def window(self, index: int) -> np.ndarray:
         """Tokens [seq_length] of window ``index`` (may span several sequences)."""
-        begin, end = index * self.seq_length, (index + 1) * self.seq_length
+        return self.tokens(index * self.seq_length, (index + 1) * self.seq_length)
+
+    def tokens(self, begin: int, end: int) -> np.ndarray:
+        """Tokens ``begin .. end - 1`` of the concatenated stream (int64)."""
         pieces = []
         seq = int(np.searchsorted(self.starts, begin, side="right")) - 1
         while begin < end:

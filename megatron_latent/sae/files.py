@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Any
 
 import torch
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, fsync_directory
 from .encode import NORMALIZATIONS, TopKSAE
 
 CFG_FILE = "cfg.json"
@@ -29,19 +28,6 @@ _MUST_BE = {"rescale_acts_by_decoder_norm": False, "finetuning_scaling_factor": 
 
 class SAEFormatError(ValueError):
     """An SAE file this project cannot read exactly (names the file and the key)."""
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sae_config(sae: TopKSAE) -> dict[str, Any]:
@@ -67,23 +53,15 @@ def write_sae(sae: TopKSAE, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     cfg_path = os.path.join(directory, CFG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
-    tmp = f"{weights_path}.tmp-{uuid.uuid4().hex[:8]}"
     tensors = {name: getattr(sae, name).detach().to("cpu").contiguous() for name in TENSORS}
     text = json.dumps(sae_config(sae), indent=2, sort_keys=True) + "\n"
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        if os.path.exists(cfg_path):  # from here until the end the folder reads as invalid
-            os.remove(cfg_path)
-            _fsync_dir(directory)
-        os.replace(tmp, weights_path)
-        _fsync_dir(directory)
-        atomic_write_text(cfg_path, text)
-        _fsync_dir(directory)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if os.path.exists(cfg_path):  # from here until the end the folder reads as invalid
+        os.remove(cfg_path)
+        fsync_directory(directory)
+    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp))
+    fsync_directory(directory)
+    atomic_write_text(cfg_path, text)
+    fsync_directory(directory)
     return directory
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 
 FORMAT = "megatron-latent concept labels"
 VERSION = 1
@@ -80,17 +80,10 @@ class Chunk:
 
 def save_chunk(path: str, chunk: Chunk) -> None:
     """Write a chunk through a temporary file and a rename (complete or absent)."""
-    tmp = f"{path}.tmp.npz"
-    try:
-        np.savez(tmp, start=np.int64(chunk.start), ids=chunk.ids.astype(np.int32),
-                 scores=chunk.scores.astype(np.float32),
-                 weights=chunk.weights.astype(np.uint8))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: np.savez(
+        tmp, start=np.int64(chunk.start), ids=chunk.ids.astype(np.int32),
+        scores=chunk.scores.astype(np.float32), weights=chunk.weights.astype(np.uint8)),
+        suffix=".npz")
 
 
 def load_chunk(path: str) -> Chunk:

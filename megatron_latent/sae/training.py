@@ -13,8 +13,6 @@ the geometric median of the first batch. The result is a ``TopKSAE`` whose exact
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..fileio import atomic_write
 from .encode import TopKSAE, normalize
 
 
@@ -177,15 +176,7 @@ class SAETrainer(torch.nn.Module):
 
 def save_state(path: str, state: dict[str, Any]) -> None:
     """torch.save through a temporary file and a rename (never a half-written state)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 @torch.no_grad()

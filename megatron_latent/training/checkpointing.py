@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from ..config import ConfigError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, fsync_directory
 from ..models.hf_gpt_neox import merge_shards, shard_for_rank
 
 logger = logging.getLogger(__name__)
@@ -148,19 +148,6 @@ def _broadcast_object(value: Any) -> Any:
     return box[0]
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _this_rank_dirname() -> str:
     return rank_dirname(parallel_state.get_tensor_model_parallel_rank(),
                         parallel_state.get_pipeline_model_parallel_rank(),
@@ -215,13 +202,13 @@ def save_checkpoint(root: str, state: TrainState, engine, scheduler, run_config:
     if rank == 0:
         with open(os.path.join(tmp_root, CONFIG_FILE), "w") as handle:
             json.dump(run_config, handle, indent=2, sort_keys=True, default=str)
-        _fsync_dir(tmp_root)
+        fsync_directory(tmp_root)
         trash = None
         if os.path.exists(final):
             trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
         os.replace(tmp_root, final)
-        _fsync_dir(root)
+        fsync_directory(root)
         atomic_write_text(os.path.join(root, TRACKER_FILE), str(state.iteration))
         if trash:
             shutil.rmtree(trash, ignore_errors=True)

@@ -383,6 +383,7 @@ class Trainer:
         global_batch = run.training.global_batch_size
         log_loss, log_aux, log_count = 0.0, {}, 0
         steps = self.data.train_steps()
+        self.last_step_samples = global_batch  # a method's own data reports its own count
         try:
             while self.state.iteration < self.total_iters:
                 try:
@@ -472,8 +473,7 @@ class Trainer:
             "ms_per_iteration": 1000.0 * elapsed / max(iterations, 1),
             "learning_rate": self.scheduler.get_lr(self.engine.optimizer.param_groups[0]),
             # samples of the last step: --global-batch-size, or a method's own unit (streams)
-            "global_batch_size": getattr(self, "last_step_samples",
-                                         self.run.training.global_batch_size),
+            "global_batch_size": self.last_step_samples,
             "lm_loss": mean_loss,
             "aux": {k: v / count for k, v in aux_sums.items()} if count else {},
             "loss_scale": result.loss_scale,

@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import numpy
 import torch
 from megatron.core import parallel_state
 
@@ -104,18 +103,23 @@ def select_documents(rows: SentenceRows, start: int, stop: int) -> SentenceRows:
 
 
 def split_documents(rows: SentenceRows, split: str) -> tuple[SentenceRows, SentenceRows]:
-    """(train, validation) documents by --split proportions, in document order."""
+    """(train, validation) documents by --split proportions, in document order, cut where
+    megatron-core cuts a dataset's documents for the same --split."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
     try:
-        parts = [float(p) for p in split.replace("/", ",").split(",")]
-    except ValueError as error:
-        raise ConfigError(f"--split {split!r} is not a list of numbers") from error
-    parts = (parts + [0.0, 0.0, 0.0])[:3]
-    if any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ConfigError(f"--split {split!r} must be non-negative and not all zero")
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (ValueError, AssertionError) as error:
+        raise ConfigError(f"--split {split!r}: {error}") from error
     n = rows.num_documents
-    bounds = numpy.round(numpy.cumsum([0.0] + parts) / sum(parts) * n).astype(int)
-    return (select_documents(rows, bounds[0], bounds[1]),
-            select_documents(rows, bounds[1], bounds[2]))
+    parts = []
+    for part in matrix[:2]:
+        begin, end = part if part is not None else (0.0, 0.0)
+        parts.append(select_documents(rows, int(round(begin * n)), int(round(end * n))))
+    return parts[0], parts[1]
 
 
 def thought_memory_model_inputs(batch: dict[str, torch.Tensor], device: torch.device

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ...data.sentences import SentenceSplitter, sentence_lengths
 from ...distributed import gather_tensor_parallel
-from ...inference.generation import Detokenize, Generation, _Row
+from ...inference.generation import Detokenize, Generation, PromptProgress
 from ...inference.sampling import GenerationConfig, select_next_tokens
 from ...inference.stepping import (
     broadcast_from_tensor_parallel_source,
@@ -228,7 +228,7 @@ def _decode(model, sentences, config: GenerationConfig, detokenize: Detokenize |
     layout = model.layout
     decoder = _PromptDecoder(model, use_cache)
     closed, open_content = sentence_fragments(sentences, layout.max_content)
-    state = _Row(0)
+    state = PromptProgress(0)
     if trace is not None:
         trace.start_prompt()
 
