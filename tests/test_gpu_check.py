@@ -46,3 +46,28 @@ def test_a_benchmark_log_is_not_read_for_test_ids(tmp_path):
     bench = step(tmp_path, "benchmark", "FAILED something that is not a test\n", "failed")
     bench.is_pytest = False
     assert gpu_check.failed_tests(bench) == []
+
+
+def test_method_scoring_imports_on_a_host_without_lm_eval(tmp_path):
+    """GPU hosts may lack lm-eval. A method's scoring hook (and the TP test importing it) needs
+    only the vocab-parallel helper, so it must import there: lm_eval is hidden here by a
+    sitecustomize that refuses it."""
+    import os
+    import subprocess
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class _NoLmEval(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'lm_eval':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, _NoLmEval())\n")
+    code = ("try:\n    import lm_eval\nexcept ModuleNotFoundError:\n    pass\n"
+            "else:\n    raise SystemExit('lm_eval was not hidden')\n"
+            "from megatron_latent.methods.thought_memory.scoring import score_continuations\n"
+            "from megatron_latent.evaluation.vocab_scores import vocab_parallel_scores\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]

@@ -44,12 +44,13 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from ..config import ConfigError
-from ..distributed import tp_group, tp_rank, tp_size
+from ..distributed import tp_size
 from ..inference.generation import generate_with_details
 from ..inference.loading import LoadedModel, load_model_for_inference
 from ..inference.sampling import GenerationConfig
 from ..inference.stepping import max_positions, sequence_parallel_disabled
 from ..methods.registry import get_method
+from .vocab_scores import vocab_parallel_scores
 
 logger = logging.getLogger(__name__)
 
@@ -92,41 +93,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if name not in _DTYPES:
         raise ConfigError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return _DTYPES[name]
-
-
-def _all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(tp_size())]
-    dist.all_gather(parts, tensor.contiguous(), group=tp_group())
-    return torch.stack(parts)
-
-
-def vocab_parallel_scores(logits: torch.Tensor, targets: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), argmax) per row of this rank's vocab shard of logits [n, V/tp].
-
-    Exact over the whole vocabulary on every TP rank: max, sum of exponentials and the
-    target's logit are reduced over the TP group; argmax ties go to the lowest id, as torch's.
-    """
-    logits = logits.float()
-    local_arg = logits.argmax(dim=-1)
-    if tp_size() == 1:
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1), local_arg
-    shard = logits.shape[-1]
-    start = tp_rank() * shard
-    local_max = logits.gather(-1, local_arg.unsqueeze(-1)).squeeze(-1)
-    maxes = _all_gather_stacked(local_max)  # [tp, n]
-    args = _all_gather_stacked(local_arg + start)
-    best = maxes.argmax(dim=0, keepdim=True)  # first (lowest-id) shard on ties
-    top = maxes.gather(0, best)[0]
-    argmax = args.gather(0, best)[0]
-    sum_exp = torch.exp(logits - top.unsqueeze(-1)).sum(dim=-1)
-    dist.all_reduce(sum_exp, group=tp_group())
-    mine = (targets >= start) & (targets < start + shard)
-    local = (targets - start).clamp(0, shard - 1).unsqueeze(-1)
-    picked = torch.where(mine, logits.gather(-1, local).squeeze(-1), 0.0)
-    dist.all_reduce(picked, group=tp_group())
-    return picked - top - sum_exp.log(), argmax
 
 
 def _as_bool(value: bool | str) -> bool:

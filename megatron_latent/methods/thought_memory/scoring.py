@@ -21,7 +21,7 @@ a validation document:
   from that row's BOS, seeded by the previous sentence's vector; the EOS targets of the closed
   rows in between are not scored. Σ log p over the model's whole (padded) vocabulary and
   whether every token is the argmax (lowest id on ties); vocabulary shards are reduced across
-  TP (lm_backend.vocab_parallel_scores), so every TP size gives the same numbers.
+  TP (evaluation.vocab_scores.vocab_parallel_scores), so every TP size gives the same numbers.
 * Batches: streams sorted longest first, padded with PAD rows to the longest in the batch;
   ``valid`` marks the real rows (padding rows write nothing and follow every real row). The
   context is never cut: the stream holds all its sentences (the FIFO memory keeps the last
@@ -38,7 +38,7 @@ import numpy
 import torch
 
 from ...data.sentences import SentenceSplitter, sentence_lengths
-from ...evaluation.lm_backend import vocab_parallel_scores
+from ...evaluation.vocab_scores import vocab_parallel_scores
 from ...inference.stepping import unwrap_model
 from .streams import StreamLayout, encode_row
 
