@@ -218,15 +218,16 @@ def test_transformer_engine_pins_follow_megatron_core():
 def test_top_k_row_mixture_and_its_gradients_match_autograd(monkeypatch, chunk):
     """The top-k mixture Σ w·W[idx] (written for bf16 on CUDA, where embedding_bag's
     per-sample-weight backward is missing) against autograd of gather-and-sum in float64."""
-    from megatron_latent.methods.pondering import mixing as pondering
+    from megatron_latent.models import sharded_topk
+    from megatron_latent.models.sharded_topk import WeightedRowSum
 
-    monkeypatch.setattr(pondering, "ROW_SUM_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(sharded_topk, "ROW_SUM_CHUNK_ELEMENTS", chunk)
     generator = torch.Generator().manual_seed(3)
     index = torch.randint(0, 50, (13, 4), generator=generator)
     index[0] = torch.tensor([7, 7, 7, 2])  # a row chosen twice accumulates twice
     weights = torch.rand(13, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     table = torch.randn(50, 6, generator=generator, dtype=torch.float64, requires_grad=True)
-    out = pondering._WeightedRowSum.apply(weights, index, table)
+    out = WeightedRowSum.apply(weights, index, table)
     upstream = torch.randn(13, 6, generator=generator, dtype=torch.float64)
     grads = torch.autograd.grad((out.double() * upstream).sum(), (weights, table))
 
@@ -237,8 +238,8 @@ def test_top_k_row_mixture_and_its_gradients_match_autograd(monkeypatch, chunk):
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
-    bf16 = pondering._WeightedRowSum.apply(weights.detach().bfloat16().requires_grad_(), index,
-                                           table.detach().bfloat16().requires_grad_())
+    bf16 = WeightedRowSum.apply(weights.detach().bfloat16().requires_grad_(), index,
+                                table.detach().bfloat16().requires_grad_())
     assert bf16.dtype == torch.float32
     bf16.sum().backward()  # the bf16 backward exists (on CUDA embedding_bag's does not)
 

@@ -96,7 +96,7 @@ def available_methods() -> list[str]:
 
 #: The methods that ship with the project, one package each (the one place they are listed).
 _BUILTINS = ("megatron_latent.methods.vanilla", "megatron_latent.methods.pondering",
-             "megatron_latent.methods.thought_memory")
+             "megatron_latent.methods.thought_memory", "megatron_latent.methods.concepts")
 
 
 def _load_builtin_methods() -> None:

@@ -81,10 +81,26 @@ def canonical_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+#: (regex, dim) of parameters that methods add and shard over TP (register_tp_split).
+_METHOD_SPLITS: list[tuple[re.Pattern, int]] = []
+
+
+def register_tp_split(pattern: str, dim: int) -> None:
+    """Declare that a method's parameters matching `pattern` (a regex searched in the
+    canonical name) are sharded along `dim` across TP ranks."""
+    _METHOD_SPLITS.append((re.compile(pattern), dim))
+
+
 def tp_split_dim(name: str) -> int | None:
     """Dimension along which a canonical parameter is sharded across TP ranks (None = replicated)."""
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return 0
+    from ..methods.registry import available_methods
+
+    available_methods()  # the methods' packages register their splits when imported
+    for pattern, dim in _METHOD_SPLITS:
+        if pattern.search(name):
+            return dim
     if re.search(r"(linear_qkv|linear_q|linear_kv|linear_fc1)\.(weight|bias)$", name):
         return 0
     if re.search(r"(linear_proj|linear_fc2)\.weight$", name):

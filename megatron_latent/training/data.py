@@ -20,7 +20,7 @@ the global batch.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,11 +169,17 @@ def build_run_datasets(run: RunConfig, tokenizer, total_iters: int
     return train, valid_sets
 
 
-def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters: int) -> RunData:
-    """Datasets for the whole run and the train loader positioned at `consumed_samples`."""
+def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, total_iters: int,
+                   wrap: Callable[[Any], Any] | None = None) -> RunData:
+    """Datasets for the whole run and the train loader positioned at `consumed_samples`;
+    `wrap` (a method's) replaces each dataset, training and validation, by one of its own
+    with the same samples (e.g. with labels beside the tokens)."""
     train, valid_sets = build_run_datasets(run, tokenizer, total_iters)
     if train is None:
         raise ConfigError("the data flags give no training split (check --split)")
+    if wrap is not None:
+        train = wrap(train)
+        valid_sets = [(name, wrap(dataset)) for name, dataset in valid_sets]
     loader = build_pretraining_data_loader(
         train,
         consumed_samples=consumed_samples,
