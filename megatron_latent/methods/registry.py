@@ -65,6 +65,11 @@ class MethodSpec:
     #: continuation's tokens, whether every one is the argmax; language / split_on_newlines
     #: are the sentence splitter's). None: the backend's token-sequence scoring.
     score_continuations: Callable[..., Any] | None = None
+    #: Parameters the method adds to the Pythia model of `config` (counted by --dry-run).
+    extra_parameters: Callable[[ModelConfig, Any], int] = lambda config, options: 0
+    #: False when build_data's batches are not GPT samples of --seq-length tokens (their
+    #: size is set by the method's own data flags).
+    batches_are_gpt_samples: bool = True
     supports_pipeline_parallel: bool = True
     pipeline_refusal: str = ""
     extra: dict = field(default_factory=dict)

@@ -245,14 +245,19 @@ class Trainer:
         method_forward = self.spec.forward_flops_per_token(
             self.spec.prepare_model_config(run.model, self.options), self.options,
             run.model.seq_length, tp)
-        lines = [describe(run), "",
-                 f"parameters: {counts['total']:,} (non-embedding {counts['non_embedding']:,}; "
-                 f"vocab padded to {counts['padded_vocab_size']})",
+        extra = self.spec.extra_parameters(run.model, self.options)
+        parameters = (f"parameters: {counts['total'] + extra:,} (non-embedding "
+                      f"{counts['non_embedding'] + extra:,}; vocab padded to "
+                      f"{counts['padded_vocab_size']})")
+        if extra:
+            parameters += (f"; the Pythia model {counts['total']:,}, {run.method} adds "
+                           f"{extra:,}")
+        lines = [describe(run), "", parameters,
                  f"FLOPs per token, vanilla: forward {vanilla:.4g}, training {3 * vanilla:.4g}",
                  f"FLOPs per token, {run.method}: forward {method_forward:.4g}, training "
                  f"{training_flops_per_token(run, self.spec, self.options):.4g} "
                  f"({method_forward / vanilla:.3f}x vanilla)"]
-        if self.spec.build_data is not None:
+        if not self.spec.batches_are_gpt_samples:
             lines[-1] += (" per position the model executes (padding included; its batches "
                           "come from the method's own data)")
             lines.append(f"training steps: {run.training.total_iters()}; tokens per step are "
@@ -410,7 +415,7 @@ class Trainer:
                     log_count += 1
                 summary.history.append({"iteration": self.state.iteration,
                                         "lm_loss": result.lm_loss,
-                                        "grad_norm": result.grad_norm})
+                                        "grad_norm": result.grad_norm, **result.aux})
                 if self.state.iteration % run.logging.log_interval == 0:
                     self._log_train(result, window, log_loss, log_aux, log_count, summary)
                     log_loss, log_aux, log_count = 0.0, {}, 0

@@ -59,6 +59,14 @@ def _forward_flops(config: ModelConfig, options: ConceptOptions | None, seq_leng
 # The head (column-parallel) and the compression rows are sharded over the C concepts.
 register_tp_split(r"^concepts\.(linear\.(weight|bias)|compress\.weight)$", 0)
 
+def _extra_parameters(config: ModelConfig, options: ConceptOptions | None) -> int:
+    """The head (d×C weight, C bias), the compression (C×d rows, d bias) and p (d)."""
+    if options is None:
+        return 0
+    h, c = config.hidden_size, options.num_concepts
+    return 2 * h * c + c + 2 * h
+
+
 CONCEPTS = register_method(
     MethodSpec(
         name="concepts",
@@ -71,6 +79,7 @@ CONCEPTS = register_method(
         build_data=build_concept_data,
         check_data=check_concept_data,
         model_inputs=concept_model_inputs,
+        extra_parameters=_extra_parameters,
         supports_pipeline_parallel=False,
         pipeline_refusal=PIPELINE_REFUSAL,
     )

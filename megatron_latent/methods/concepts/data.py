@@ -79,7 +79,7 @@ def check_concept_data(run: RunConfig) -> None:
 
 
 def build_concept_data(run: RunConfig, tokenizer, options: ConceptOptions,
-                       consumed_samples: int, total_iters: int):
+                       consumed_samples: int, consumed_tokens: int, total_iters: int):
     """The run's GPT data with every dataset (train and each validation set) labelled."""
     from ...sae.sample_labels import LabeledGPTDataset
     from ...training.data import build_run_data

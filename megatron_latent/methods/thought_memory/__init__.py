@@ -84,6 +84,7 @@ THOUGHT_MEMORY = register_method(
         model_inputs=thought_memory_model_inputs,
         generate_text=_generate_text,
         score_continuations=_score_continuations,
+        batches_are_gpt_samples=False,
         supports_pipeline_parallel=False,
         pipeline_refusal=PIPELINE_REFUSAL,
     )
