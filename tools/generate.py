@@ -9,6 +9,10 @@ Prompts come from --prompt (repeatable) or --prompt-file (one per line); all are
 one batch. The tokenizer is the one recorded in the checkpoint unless --tokenizer-* is given.
 A method with its own text generation (its MethodSpec.generate_text, e.g. thought memory's
 sentence-by-sentence decoding) is handed the text prompts instead.
+
+--steer CONCEPT_ID=SCALE (repeatable) multiplies chosen predicted-concept logits before the
+continuous concept is formed, at every decoded position, for models with a concept head
+(`--method concepts`; the paper steers with scales of -10..10). Other models refuse it.
 """
 
 from __future__ import annotations
@@ -46,12 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="run the model in bfloat16 (the default on CUDA)")
     precision.add_argument("--fp32", action="store_true",
                            help="run the model in float32 (the default on the CPU)")
+    parser.add_argument("--steer", action="append", default=[], metavar="CONCEPT_ID=SCALE",
+                        help="scale a predicted concept's logit during generation (models "
+                             "with a concept head; repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument("--tokenizer-type", default=None)
     parser.add_argument("--tokenizer-model", default=None)
     parser.add_argument("--vocab-file", default=None)
     parser.add_argument("--merge-file", default=None)
     return parser.parse_args(argv)
+
+
+def parse_steering(values: list[str]) -> dict[int, float]:
+    """{concept id: scale} from --steer ID=SCALE values; malformed ones raise ValueError."""
+    scales: dict[int, float] = {}
+    for value in values:
+        concept, sep, scale = value.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            scales[int(concept)] = float(scale)
+        except ValueError:
+            raise ValueError(f"--steer {value!r}: expected CONCEPT_ID=SCALE, e.g. 123=5") from None
+    return scales
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         prompts += [line.rstrip("\n") for line in open(args.prompt_file) if line.strip()]
     if not prompts:
         print("generate.py: error: give --prompt or --prompt-file", file=sys.stderr)
+        return 2
+    try:
+        steering = parse_steering(args.steer)
+    except ValueError as error:
+        print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
 
     import torch
@@ -94,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             stop_token_ids=(int(tokenizer.eod),), stop_strings=tuple(args.stop))
         spec = get_method(loaded.run.method)
+        if steering:
+            steer = getattr(loaded.model, "set_steering", None)
+            if steer is None:
+                raise ConfigError(f"--steer: the {loaded.run.method!r} model of {args.load} "
+                                  "has no concept head to steer")
+            steer(steering)
         encoded = [tokenizer.tokenize(prompt) for prompt in prompts]
         if spec.generate_text is not None:  # the method decodes text its own way
             results = spec.generate_text(loaded.model, tokenizer, prompts, config,

@@ -88,6 +88,16 @@ class ConceptModel(PythiaModel):
     def interleaved(self) -> bool:
         return self.concept_options.mixing == "interleave"
 
+    def set_steering(self, scales: dict[int, float]) -> None:
+        """Scale the chosen predicted-concept logits before the top-k from now on (the
+        paper's steering; empty: none). Ids outside [0, C) are refused."""
+        for concept in scales:
+            if not 0 <= int(concept) < self.concept_options.num_concepts:
+                raise ConfigError(f"concept {concept} is not one of this model's "
+                                  f"{self.concept_options.num_concepts} concepts (0.."
+                                  f"{self.concept_options.num_concepts - 1})")
+        self.concepts.steering = {int(k): float(v) for k, v in scales.items()}
+
     def make_inference_context(self, max_batch_size: int,
                                max_sequence_length: int) -> ConceptInferenceContext:
         return ConceptInferenceContext(max_batch_size, max_sequence_length, self.interleaved)
