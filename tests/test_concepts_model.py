@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from megatron_latent.config import ConfigError, ModelConfig
 from megatron_latent.methods.concepts import ConceptOptions, build_concept_model
-from megatron_latent.methods.concepts.head import sharded_cross_entropy
 from megatron_latent.methods.concepts.model import CONCEPT_CE_KEY, SCALED_LOSS_KEY
 from megatron_latent.models.language_model import RuntimeOptions
+from megatron_latent.models.sharded_loss import sharded_cross_entropy
 
 H, HEADS, LAYERS, VOCAB, C, TOPK, K = 32, 2, 4, 64, 48, 5, 3
 DIM = H // HEADS

@@ -15,6 +15,10 @@ document and sequence layout (K values per token), and ``<prefix>.labels.json`` 
 teacher, SAE, layer and the input's identity, written last. Work goes in chunks of
 --chunk-windows windows kept under ``<prefix>.partial/``; rerunning the same command continues
 from the finished chunks.
+
+A project teacher too large for one device runs tensor-parallel: start the tool with
+``torchrun --nproc_per_node N`` and ``--tensor-model-parallel-size N`` (the world is one TP
+group; rank 0 writes). The labels equal the unsharded teacher's up to float rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STATE_FILE = "state.json"
+#: This process's rank under torchrun (a tensor-parallel teacher); rank 0 writes every file.
+RANK = int(os.environ.get("RANK", "0"))
 RESUME_KEYS = ("load", "hf_model", "layer", "sae", "data_path", "seq_length", "k_attr",
                "min_score", "chunk_windows")
 
@@ -56,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-windows", type=int, default=256,
                         help="windows per saved chunk (the unit of resumption)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                        help="only 1 is supported (the teacher runs on one device)")
+                        help="shard a project teacher over this many ranks (torchrun with "
+                             "exactly this many processes)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -98,9 +105,14 @@ def _check(args: argparse.Namespace):
     from megatron_latent.sae.files import SAEFormatError, read_sae
     from megatron_latent.sae.labels import meta_path
 
-    if args.tensor_model_parallel_size != 1:
-        raise InputError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} is "
-                         "not supported: the teacher runs unsharded on one device (use 1)")
+    tp = args.tensor_model_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world != tp:
+        raise InputError(f"--tensor-model-parallel-size {tp} needs exactly {tp} processes "
+                         f"(torchrun --nproc_per_node {tp}); this run has {world}")
+    if tp > 1 and args.hf_model:
+        raise InputError("--tensor-model-parallel-size > 1 shards a project teacher (--load); "
+                         "a Hugging Face teacher runs on one device")
     for flag in ("seq_length", "k_attr", "batch_size", "chunk_windows"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be positive, got "
@@ -152,8 +164,10 @@ def _check(args: argparse.Namespace):
     return shape, sae
 
 
-def _work_state(args: argparse.Namespace, work: str, identity: dict) -> None:
-    """Create or check the chunk folder's state (same flags and data as the first run)."""
+def _work_state(args: argparse.Namespace, work: str, identity: dict, write: bool = True
+                ) -> None:
+    """Create (when `write`: rank 0) or check the chunk folder's state (same flags and data as
+    the first run)."""
     saved = {key: getattr(args, key) for key in RESUME_KEYS}
     saved["data"] = identity
     path = os.path.join(work, STATE_FILE)
@@ -165,6 +179,8 @@ def _work_state(args: argparse.Namespace, work: str, identity: dict) -> None:
                 flag = "--data-path" if key == "data" else "--" + key.replace("_", "-")
                 raise InputError(f"{work} was started with {flag} {old.get(key)!r}, not "
                                  f"{value!r}: rerun with the same flags or remove {work}")
+        return
+    if not write:
         return
     from megatron_latent.fileio import atomic_write_text
 
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         identity = dataset_identity(args.data_path)
         work = args.output_prefix + ".partial"
-        _work_state(args, work, identity)
+        _work_state(args, work, identity, write=RANK == 0)
     except InputError as error:
         print(f"label_concepts.py: error: {error}", file=sys.stderr)
         return 2
@@ -214,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.load:
         from megatron_latent.inference.loading import load_model_for_inference
 
-        model = load_model_for_inference(args.load, device=device, dtype=torch.float32).model
+        model = load_model_for_inference(args.load, None, args.tensor_model_parallel_size,
+                                         device, dtype=torch.float32).model
         model.eval().requires_grad_(False)
         teacher = split_project_teacher(model, args.layer)
     else:
@@ -244,15 +261,23 @@ def main(argv: list[str] | None = None) -> int:
         return tuple(getattr(out, p).reshape(-1, args.k_attr).cpu().numpy()
                      for p in ("ids", "scores", "weights"))
 
-    done = sum(os.path.isfile(p) for p in paths)
-    if done:
+    import torch.distributed as dist
+
+    sharded = dist.is_initialized() and dist.get_world_size() > 1
+    finished = [os.path.isfile(p) for p in paths]
+    if sharded:  # every rank skips the same chunks (rank 0's view of the files)
+        shared = [finished]
+        dist.broadcast_object_list(shared, src=0)
+        finished = shared[0]
+    done = sum(finished)
+    if done and RANK == 0:
         print(f"label_concepts.py: resuming: {done} of {len(paths)} chunks are done",
               file=sys.stderr)
-    bar = tqdm(total=len(bounds), unit="window", disable=args.no_progress,
+    bar = tqdm(total=len(bounds), unit="window", disable=args.no_progress or RANK != 0,
                desc="label_concepts")
     try:
-        for windows, path in zip(chunks, paths):
-            if os.path.isfile(path):
+        for windows, path, skip in zip(chunks, paths, finished):
+            if skip:
                 bar.update(len(windows))
                 continue
             parts: list[tuple[np.ndarray, ...]] = []
@@ -264,13 +289,18 @@ def main(argv: list[str] | None = None) -> int:
             if tail:
                 parts.append(label(tail))
                 bar.update(1)
-            save_chunk(path, Chunk(windows[0][0], *(np.concatenate([p[j] for p in parts])
-                                                    for j in range(3))))
+            if RANK == 0:
+                save_chunk(path, Chunk(windows[0][0], *(np.concatenate([p[j] for p in parts])
+                                                        for j in range(3))))
     except InputError as error:
         bar.close()
         print(f"label_concepts.py: error: {error}", file=sys.stderr)
         return 2
     bar.close()
+    if sharded:
+        dist.barrier()
+        if RANK != 0:
+            return 0
     teacher_meta = ({"checkpoint": args.load} if args.load else {"hf_model": args.hf_model})
     meta = {"teacher": teacher_meta, "layer": args.layer, "sae": args.sae,
             "sae_d_sae": sae.d_sae, "sae_k": sae.k, "k_attr": args.k_attr,

@@ -38,9 +38,15 @@ class WindowLabels:
     weights: Tensor
 
 
-def window_loss(logits: Tensor, ids: Tensor) -> Tensor:
-    """Σ over windows of each window's mean shifted next-token CE (logits [b, s, V])."""
+def window_loss(logits: Tensor, ids: Tensor, vocab_group=None) -> Tensor:
+    """Σ over windows of each window's mean shifted next-token CE (logits [b, s, V], or this
+    rank's vocabulary shard [b, s, V/tp] of a tensor-parallel teacher with `vocab_group`)."""
     b, s = ids.shape
+    if vocab_group is not None:
+        from ..models.sharded_loss import sharded_cross_entropy
+
+        ce = sharded_cross_entropy(logits[:, :-1], ids[:, 1:, None], vocab_group)
+        return ce.view(b, s - 1).mean(dim=1).sum()
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                          ids[:, 1:].reshape(-1), reduction="none")
     return ce.view(b, s - 1).mean(dim=1).sum()
@@ -74,7 +80,7 @@ def label_windows(teacher: SplitTeacher, sae: TopKSAE, ids: Tensor, k_attr: int 
         h0, logits_of = teacher(ids)
     h = h0.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        loss = window_loss(logits_of(h), ids.to(h.device))
+        loss = window_loss(logits_of(h), ids.to(h.device), getattr(teacher, "vocab_group", None))
         (grad,) = torch.autograd.grad(loss, h)
     with torch.no_grad():
         scores = attribution_scores(sae, h.detach(), grad)
@@ -82,7 +88,9 @@ def label_windows(teacher: SplitTeacher, sae: TopKSAE, ids: Tensor, k_attr: int 
 
 
 def split_project_teacher(model: torch.nn.Module, layer: int) -> SplitTeacher:
-    """A PythiaModel (fp32, eval, frozen) split at the residual after block ``layer``."""
+    """A PythiaModel (fp32, eval, frozen) split at the residual after block ``layer``; under
+    tensor parallelism (no sequence parallelism) h and g are whole on every rank and the
+    logits are vocabulary shards (the returned function's ``vocab_group``)."""
     from .activations import residual_after_layer
 
     layers = model.decoder.layers
@@ -102,6 +110,8 @@ def split_project_teacher(model: torch.nn.Module, layer: int) -> SplitTeacher:
 
         return h, logits_of
 
+    tp = model.config.tensor_model_parallel_size
+    run.vocab_group = model.tp_group if tp > 1 else None
     return run
 
 

@@ -16,7 +16,6 @@ From the residual stream h [s, b, d] at the insertion point:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -26,6 +25,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
+from ...models.sharded_loss import sharded_cross_entropy
 from ...models.sharded_topk import WeightedRowSum, global_top_k
 
 #: The SAE normalisation's epsilon, added to the unbiased standard deviation (not a LayerNorm).
@@ -41,57 +41,6 @@ def concept_norm(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mu = h32.mean(dim=-1, keepdim=True)
     sigma = h32.std(dim=-1, keepdim=True) + SIGMA_EPS
     return (h32 - mu) / sigma, mu, sigma
-
-
-def _tp_world(group) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-class _ShardedCrossEntropy(torch.autograd.Function):
-    """CE of K targets per row over classes sharded across `group` ([n, C/tp] logits per
-    rank): one max and one sum-of-exponentials reduction serve all K targets, and only the
-    fp32 softmax of this rank's shard is kept for the backward (no collective there)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, group) -> Tensor:
-        world = _tp_world(group)
-        local = logits.shape[-1]
-        start = (dist.get_rank(group) if world > 1 else 0) * local
-        probs = logits.float()
-        if probs.data_ptr() == logits.data_ptr():
-            probs = probs.clone()
-        mine = (targets >= start) & (targets < start + local)
-        index = (targets - start).clamp(0, local - 1)
-        picked = torch.where(mine, probs.gather(-1, index), 0.0)  # z_target on its owner
-        top = probs.amax(dim=-1)
-        if world > 1:
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        probs.sub_(top.unsqueeze(-1)).exp_()
-        total = probs.sum(dim=-1)
-        if world > 1:
-            dist.all_reduce(total, group=group)
-            dist.all_reduce(picked, group=group)
-        probs.div_(total.unsqueeze(-1))
-        ctx.save_for_backward(probs, index, mine)
-        ctx.logits_dtype = logits.dtype
-        return (total.log() + top).unsqueeze(-1) - picked
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        probs, index, mine = ctx.saved_tensors
-        grad = grad.float()
-        out = probs.mul_(grad.sum(dim=-1, keepdim=True))
-        out.scatter_add_(-1, index, -(grad * mine))
-        return out.to(ctx.logits_dtype), None, None
-
-
-def sharded_cross_entropy(logits: Tensor, targets: Tensor, group=None) -> Tensor:
-    """Cross-entropy [..., K] of each of K targets (global class ids) against logits [..., C/tp]
-    sharded over classes across `group` (None: not sharded)."""
-    shape = targets.shape
-    ce = _ShardedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]),
-                                    targets.reshape(-1, shape[-1]), group)
-    return ce.view(shape)
 
 
 class ConceptHead(MegatronModule):
@@ -176,4 +125,4 @@ class ConceptHead(MegatronModule):
         return c_hat * sigma + mu
 
 
-__all__ = ["ConceptHead", "INIT_STD", "SIGMA_EPS", "concept_norm", "sharded_cross_entropy"]
+__all__ = ["ConceptHead", "INIT_STD", "SIGMA_EPS", "concept_norm"]
