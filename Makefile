@@ -2,6 +2,8 @@
 #   make install   create .venv and install the package with its test tools
 #   make test      lint + unit tests + 2-process (gloo) distributed tests
 #   make demo      the whole pipeline, tiny, on CPU
+#   make demo-concepts  CoCoMix, tiny, on CPU: teacher, SAE, concept labels, then vanilla and
+#                  concepts side by side (benchmarks/concepts_fidelity.py; ~10-15 min on 2 cores)
 #   make gpu-check on a host with one GPU and torch (no venv, no installs): GPU tests, unit
 #                  tests and the throughput benchmark, with a summary (docs/gpu.md)
 
@@ -11,7 +13,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-distributed lint demo clean
+.PHONY: install test test-unit test-distributed lint demo demo-concepts clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +46,13 @@ test: lint test-unit test-distributed
 
 demo: install
 	$(BIN)/python examples/demo.py
+
+# Prepares data/demo (corpus, tokenizer, datasets) if missing, as the fidelity benchmarks do;
+# finished stages under the output folder are reused. More: DEMO_CONCEPTS_ARGS="--seeds 1234 2".
+DEMO_CONCEPTS_ARGS ?=
+demo-concepts: install
+	$(BIN)/python benchmarks/concepts_fidelity.py --seeds 1234 \
+	  --output-dir demo_output/concepts $(DEMO_CONCEPTS_ARGS)
 
 # Uses $(PYTHON) as it is (the NGC container's python3): the project from this checkout.
 .PHONY: gpu-check
