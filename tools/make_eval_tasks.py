@@ -35,8 +35,19 @@ standard tasks from local files:
   which includes lm-eval's own hellaswag YAML (prompt, choices, metrics, process_docs) and
   reads the documents from the file; the file keeps the Hub dataset's fields.
 
+GSM8K / MATH chain of thought, baseline and latent-thought variants (from local files):
+  --math-data gsm8k=/data/gsm8k/test.jsonl  ({"question", "answer" ending "#### N"})
+  --math-data math=/data/MATH/test.jsonl    ({"problem", "solution" with \\boxed{}})
+  writes gsm8k_cot_local / gsm8k_cot_latent (8-shot) and hendrycks_math_cot_local /
+  hendrycks_math_cot_latent (4-shot), tags math_cot_local and latent_math, scored by exact
+  match (math_answers.py, copied alongside). STYLE=sample uses a tiny built-in sample.
+  The *_latent tasks need the megatron_latent backend and a tokenizer with the four latent
+  tokens (docs/evaluation.md, "Latent-thought models"). --math-only skips the demo tasks.
+
 example:
   python tools/make_eval_tasks.py --output-dir demo_output/eval_tasks --num-docs 100
+  python tools/make_eval_tasks.py --math-only --output-dir eval_math \\
+      --math-data gsm8k=/data/gsm8k/test.jsonl --latent-max-gen-toks 1024
 """
 
 
@@ -78,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--standard-task", action="append", default=[], metavar="NAME=JSONL",
                         help="Also write NAME_local.yaml reading lm-eval's task NAME from a "
                         "local JSONL (repeatable).")
+    parser.add_argument("--math-data", action="append", default=[], metavar="STYLE=JSONL",
+                        help="Write the GSM8K (STYLE gsm8k) or MATH (STYLE math) baseline and "
+                        "latent tasks reading this local test file; JSONL 'sample' uses the "
+                        "built-in sample (repeatable).")
+    parser.add_argument("--math-exemplars", action="append", default=[],
+                        metavar="STYLE=JSONL", help="Few-shot exemplars from the first "
+                        "records of this file instead of lm-eval's (repeatable).")
+    parser.add_argument("--math-num-fewshot", type=int, default=None,
+                        help="Exemplars per prompt. Default 8 (gsm8k), 4 (math).")
+    parser.add_argument("--max-gen-toks", type=int, default=None,
+                        help="max_gen_toks of the math tasks. Default: the backend's.")
+    parser.add_argument("--latent-max-gen-toks", type=int, default=None,
+                        help="max_gen_toks of the *_latent tasks (latent + answer). Default: "
+                        "--max-gen-toks.")
+    parser.add_argument("--math-only", action="store_true",
+                        help="Write only the --math-data tasks, not the demo tasks.")
     return parser
 
 
@@ -103,6 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --standard-task takes NAME=JSONL", file=sys.stderr)
         return 1
     try:
+        math_data = dict(spec.split("=", 1) for spec in args.math_data)
+        math_exemplars = dict(spec.split("=", 1) for spec in args.math_exemplars)
+    except ValueError:
+        print("error: --math-data and --math-exemplars take STYLE=JSONL", file=sys.stderr)
+        return 1
+    if args.math_only and not math_data:
+        print("error: --math-only needs --math-data", file=sys.stderr)
+        return 1
+    try:
+        written = {}
+        if math_data:
+            from megatron_latent.evaluation.math_tasks import write_math_tasks
+
+            written.update(write_math_tasks(
+                args.output_dir, math_data, math_exemplars, args.math_num_fewshot,
+                args.max_gen_toks, args.latent_max_gen_toks))
+        if args.math_only:
+            for name, path in written.items():
+                print(f"Wrote {name}: {path}")
+            print(f"Use: --include_path {os.path.abspath(args.output_dir)} --tasks "
+                  + ",".join(written))
+            return 0
         if args.input:
             docs, source = read_documents(args.input), f"`{args.input}`"
         else:
@@ -110,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             source = (f"the demo corpus's validation plays (--valid-plays {args.valid_plays}, "
                       f"--split-seed {args.split_seed}; the defaults are `make demo`'s split)")
         standard_written = write_standard_tasks(args.output_dir, standard)
-        written = write_tasks(args.output_dir, options, docs, source)
+        written.update(write_tasks(args.output_dir, options, docs, source))
         written.update(standard_written)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,21 @@ Model args: ``load`` (checkpoint directory), ``iteration``, ``tensor_model_paral
 sentence splitter of a method that scores sentence by sentence: preprocessing's ``--lang`` and
 ``--split-on-newlines``).
 
+Latent-thought models (BoLT; docs/evaluation.md, "Latent-thought models"): ``latent_prompt``
+(default False) makes ``generate_until`` open a latent: every prompt starts with the token
+training documents start with and ends with the ids ``[SoL, PRI]`` (appended as ids, never by
+tokenising text); the literal names of the four tokens inside a context (exemplars carrying
+their solution in a latent) become their ids. The model writes its latent up to ``EoL`` and
+then the answer; the returned text is the answer (text after the first ``EoL``, later latents
+``SoL … EoL`` removed) and stop strings apply to it only. The latents are kept in
+``latent_log`` (and appended as JSON lines to ``latent_log_path`` when given).
+``ban_latent_tokens`` (default: True exactly when the tokenizer has the four tokens and
+``latent_prompt`` is off) sets the four tokens' logits to -inf in generation, so a baseline
+evaluation never produces them; a tokenizer without them has nothing to ban. A task can set
+either per task through its ``generation_kwargs`` (the ``*_latent`` tasks of
+``tools/make_eval_tasks.py --math-data`` set ``latent_prompt: true``). Scoring
+(``loglikelihood*``) is never changed.
+
 Scores come from the method model's own forward (pondering passes included): logits sharded
 over the vocabulary ([b, s, V/tp]) are reduced TP-aware (max, log-sum-exp, argmax, target
 logit), never gathered whole. The softmax runs over the model's whole (padded) vocabulary, as
@@ -29,8 +44,10 @@ spec's ``generate_text`` when it has one. The backend branches on these hooks on
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +66,7 @@ from ..inference.generation import generate_with_details
 from ..inference.loading import LoadedModel, load_model_for_inference
 from ..inference.sampling import GenerationConfig
 from ..inference.stepping import max_positions, sequence_parallel_disabled
+from ..latent import LATENT_TOKENS, LatentTokenIds
 from ..methods.registry import get_method
 from .vocab_scores import vocab_parallel_scores
 
@@ -104,6 +122,22 @@ def _as_bool(value: bool | str) -> bool:
     return bool(value)
 
 
+_LATENT_NAMES = re.compile("(" + "|".join(re.escape(t) for t in LATENT_TOKENS) + ")")
+
+
+def _tokenizer_latent_ids(tokenizer: Any) -> LatentTokenIds | None:
+    """The four latent-token ids of the tokenizer, or None when it has none of them."""
+    from ..latent.tokens import latent_token_ids
+
+    lookup = getattr(tokenizer, "token_to_id", None)
+    try:
+        if lookup is None or all(lookup(t) is None for t in LATENT_TOKENS):
+            return None
+    except (NotImplementedError, KeyError):  # a tokenizer without token lookup
+        return None
+    return latent_token_ids(tokenizer)  # refuses some-but-not-all or out-of-order ids
+
+
 # lm_eval.models (imported above for its utils) has registered lm-eval's own model names
 # first: its registry fills itself only while empty.
 @register_model("megatron_latent")
@@ -131,6 +165,9 @@ class MegatronLatentLM(TemplateLM):
         split_on_newlines: bool | str = False,
         max_batch_size: int | None = None,  # lm-eval passes it; batches are fixed-size here
         loaded: LoadedModel | None = None,
+        latent_prompt: bool | str = False,
+        ban_latent_tokens: bool | str | None = None,
+        latent_log_path: str | None = None,
     ) -> None:
         super().__init__()
         if tp is not None and tensor_model_parallel_size not in (None, tp):
@@ -181,6 +218,14 @@ class MegatronLatentLM(TemplateLM):
         self._rank = parallel_state.get_data_parallel_rank()
         self._world_size = parallel_state.get_data_parallel_world_size()
         self._show_progress = not dist.is_initialized() or dist.get_rank() == 0
+        self._latent_ids = _tokenizer_latent_ids(self.tokenizer)
+        self._latent_prompt = _as_bool(latent_prompt)
+        self._ban_latent_tokens = None if ban_latent_tokens in (None, "", "auto") else \
+            _as_bool(ban_latent_tokens)
+        self._check_latent_options(self._latent_prompt, self._ban_latent_tokens)
+        self._latent_log_path = latent_log_path
+        #: One entry per latent-prompt generation: context, latent text and ids, answer.
+        self.latent_log: list[dict[str, Any]] = []
 
     # -- what lm-eval asks of a model ------------------------------------------------------
     @property
@@ -230,7 +275,11 @@ class MegatronLatentLM(TemplateLM):
                 "tensor_model_parallel_size": tp_size(),
                 "model_dtype": str(self._dtype), "max_length": self.max_length,
                 "prefix_token_id": self.prefix_token_id,
-                "method_scoring": self._score_hook is not None}
+                "method_scoring": self._score_hook is not None,
+                "latent_token_ids": None if self._latent_ids is None
+                else list(self._latent_ids.as_tuple()),
+                "latent_prompt": self._latent_prompt,
+                "ban_latent_tokens": self._bans(self._latent_prompt, self._ban_latent_tokens)}
 
     # -- data-parallel hooks (lm-eval's rank = the DP rank) --------------------------------
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -406,8 +455,10 @@ class MegatronLatentLM(TemplateLM):
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
             contexts, all_kwargs = zip(*chunk)
-            config, until = self._generation_config(all_kwargs[0])
-            if self._generate_hook is not None:
+            config, until, latent = self._generation_config(all_kwargs[0])
+            if latent:
+                outputs = self._generate_latent(list(contexts), config)
+            elif self._generate_hook is not None:
                 outputs = self._generate_hook(self.model, self.tokenizer, list(contexts), config)
             else:
                 room = self.max_length - config.max_new_tokens
@@ -425,8 +476,101 @@ class MegatronLatentLM(TemplateLM):
         progress.close()
         return collator.get_original(results)
 
-    def _generation_config(self, gen_kwargs: dict) -> tuple[GenerationConfig, list[str]]:
-        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+    # -- latent thoughts -------------------------------------------------------------------
+    def _check_latent_options(self, latent_prompt: bool, ban: bool | None) -> None:
+        if latent_prompt and self._latent_ids is None:
+            raise ConfigError(
+                "latent_prompt needs a tokenizer with the four latent tokens "
+                f"({', '.join(LATENT_TOKENS)}); add them with tools/add_latent_tokens.py")
+        if latent_prompt and ban:
+            raise ConfigError("latent_prompt and ban_latent_tokens exclude each other (a "
+                              "latent needs SoL/EoL); leave ban_latent_tokens unset")
+        if latent_prompt and self._generate_hook is not None:
+            raise ConfigError(f"latent_prompt is not supported for method "
+                              f"{self.loaded.run.method!r}, which generates by itself")
+        if ban and self._latent_ids is None:
+            logger.info("ban_latent_tokens: the tokenizer has no latent tokens; nothing banned")
+
+    def _bans(self, latent_prompt: bool, ban: bool | None) -> bool:
+        """Whether the four ids are banned: as asked, else exactly for a tokenizer that has
+        them in a generation without a latent prompt."""
+        if self._latent_ids is None:
+            return False
+        return (not latent_prompt) if ban is None else ban
+
+    def encode_latent_prompt(self, context: str) -> list[int]:
+        """The ids of a latent prompt: the start token, the context (the literal names of the
+        four tokens in it become their ids; the text between them is tokenised) and
+        ``[SoL, PRI]`` unless the context already ends with them."""
+        from ..latent.formats import document_start_id
+
+        ids = self._latent_ids
+        by_name = dict(zip(LATENT_TOKENS, ids.as_tuple()))
+        out: list[int] = [document_start_id(self.tokenizer)]
+        for piece in _LATENT_NAMES.split(context):
+            if piece in by_name:
+                out.append(by_name[piece])
+            elif piece:
+                out += self.tok_encode(piece)
+        if out[-2:] != [ids.sol, ids.pri]:
+            out += [ids.sol, ids.pri]
+        return out
+
+    def split_latent(self, tokens: Sequence[int]) -> tuple[list[int], list[int] | None]:
+        """(latent ids, answer ids) of a generation after ``SoL PRI``: the latent is every id
+        before the first EoL; the answer is what follows it, with later latents
+        (``SoL … EoL``) and stray PRI/POS ids removed. None: no EoL, no answer yet."""
+        ids = self._latent_ids
+        tokens = [int(t) for t in tokens]
+        if ids.eol not in tokens:
+            return tokens, None
+        first = tokens.index(ids.eol)
+        answer, inside = [], False
+        for token in tokens[first + 1:]:
+            if token == ids.sol:
+                inside = True
+            elif token == ids.eol:
+                inside = False
+            elif not inside and token not in (ids.pri, ids.pos):
+                answer.append(token)
+        return tokens[:first], answer
+
+    def latent_answer_text(self, tokens: Sequence[int]) -> str:
+        """The text of the answer of a latent-prompt generation ("" before the first EoL)."""
+        _, answer = self.split_latent(tokens)
+        return "" if answer is None else self.tok_decode(answer)
+
+    def _generate_latent(self, contexts: list[str], config: GenerationConfig) -> list:
+        """Generation after ``SoL PRI``; stop strings apply to the answer after EoL only."""
+        room = self.max_length - config.max_new_tokens
+        prompts = []
+        for context in contexts:
+            prompt = self.encode_latent_prompt(context)
+            if len(prompt) > room:  # keep the start token, cut from the left after it
+                prompt = prompt[:1] + prompt[len(prompt) - room + 1:]
+            prompts.append(prompt)
+        outputs = generate_with_details(self.model, prompts, config,
+                                        detokenize=self.latent_answer_text)
+        for context, output in zip(contexts, outputs):
+            latent, answer = self.split_latent(output.tokens)
+            entry = {"context_tail": context[-200:], "latent": self.tok_decode(
+                [t for t in latent if t not in self._latent_ids.as_tuple()]),
+                "latent_ids": latent, "closed": answer is not None,
+                "answer": output.text, "finish_reason": output.finish_reason}
+            self.latent_log.append(entry)
+            if self._latent_log_path:
+                with open(self._latent_log_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        return outputs
+
+    def _generation_config(self, gen_kwargs: dict) -> tuple[GenerationConfig, list[str], bool]:
+        gen_kwargs = dict(gen_kwargs)
+        latent = _as_bool(gen_kwargs.pop("latent_prompt", self._latent_prompt))
+        ban = gen_kwargs.pop("ban_latent_tokens", self._ban_latent_tokens)
+        ban = None if ban in (None, "", "auto") else _as_bool(ban)
+        self._check_latent_options(latent, ban)
+        banned = self._latent_ids.as_tuple() if self._bans(latent, ban) else ()
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = [s for s in kwargs.pop("until") if s]
         max_new = int(kwargs.pop("max_gen_toks"))
         if self._generate_hook is None and max_new >= self.max_length:
@@ -439,5 +583,5 @@ class MegatronLatentLM(TemplateLM):
             top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
             seed=int(self.seed if kwargs.get("seed") is None else kwargs["seed"]),
             stop_token_ids=(self.eot_token_id,),
-            stop_strings=tuple(until))
-        return config, until
+            stop_strings=tuple(until), banned_token_ids=banned)
+        return config, until, latent

@@ -28,6 +28,10 @@ class GenerationConfig:
     #: A prompt's generation ends once its generated text contains one of these (needs a
     #: `detokenize` callable); the tokens that completed it are kept, the text is cut before it.
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
+    #: Ids that are never selected: their logits are set to -inf before greedy or sampled
+    #: selection (e.g. the four latent-thought tokens when a latent model is evaluated as a
+    #: baseline). Ids outside the vocabulary are ignored.
+    banned_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -40,6 +44,8 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
+        if any(int(i) < 0 for i in self.banned_token_ids):
+            raise ValueError(f"banned token ids must be >= 0, got {self.banned_token_ids}")
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -60,6 +66,10 @@ def select_next_tokens(logits: Tensor, config: GenerationConfig,
                        generator: torch.Generator | None = None) -> Tensor:
     """One token id per row of full-vocabulary logits [batch, vocab] -> [batch]."""
     logits = logits.float()
+    banned = [int(i) for i in config.banned_token_ids if int(i) < logits.shape[-1]]
+    if banned:
+        logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device),
+                                   float("-inf"))
     if config.greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
