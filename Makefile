@@ -4,6 +4,10 @@
 #   make demo      the whole pipeline, tiny, on CPU
 #   make demo-concepts  CoCoMix, tiny, on CPU: teacher, SAE, concept labels, then vanilla and
 #                  concepts side by side (benchmarks/concepts_fidelity.py; ~10-15 min on 2 cores)
+#   make demo-latent  BoLT latent thoughts, tiny, on CPU: a small teacher served over HTTP
+#                  (tools/serve.py), teacher latents for 30 documents, the four tokens added,
+#                  warm start and ONE EM iteration (tools/bolt_em.py) with its summary table
+#                  (examples/demo_latent.py; output under demo_output/latent, resumable)
 #   make gpu-check on a host with one GPU and torch (no venv, no installs): GPU tests, unit
 #                  tests and the throughput benchmark, with a summary (docs/gpu.md)
 
@@ -13,7 +17,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-distributed lint demo demo-concepts clean
+.PHONY: install test test-unit test-distributed lint demo demo-concepts demo-latent clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +57,12 @@ DEMO_CONCEPTS_ARGS ?=
 demo-concepts: install
 	$(BIN)/python benchmarks/concepts_fidelity.py --seeds 1234 \
 	  --output-dir demo_output/concepts $(DEMO_CONCEPTS_ARGS)
+
+# Prepares data/demo if missing; finished stages under demo_output/latent are reused (a fresh
+# run: DEMO_LATENT_ARGS=--fresh).
+DEMO_LATENT_ARGS ?=
+demo-latent: install
+	$(BIN)/python examples/demo_latent.py $(DEMO_LATENT_ARGS)
 
 # Uses $(PYTHON) as it is (the NGC container's python3): the project from this checkout.
 .PHONY: gpu-check
