@@ -48,12 +48,10 @@ unchanged is reused; the SAE and label tools resume their own interrupted work.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +59,10 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_latent.stages import key_of, stage_begin, stage_done, stage_store  # noqa: E402
+
 TOKENIZER = ["--tokenizer-type", "SentencePieceTokenizer"]
 
 
@@ -86,38 +88,6 @@ def prepare_data(data: Path) -> None:
             print(f"  preparing {done.name}", flush=True)
             subprocess.run([str(c) for c in command], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
-
-
-def key_of(*parts) -> str:
-    """A short fingerprint of a stage's command and the stages it reads."""
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
-
-def stage_done(folder: Path, key: str) -> dict | None:
-    """The stored result of a finished stage with this key, else None."""
-    saved = folder / "stage.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if previous.get("key") == key:
-            return previous.get("result", {})
-    return None
-
-
-def stage_store(folder: Path, key: str, command: list[str], result: dict) -> None:
-    partial = folder / "stage.json.partial"
-    partial.write_text(json.dumps({"key": key, "command": command, "result": result},
-                                  indent=1))
-    partial.replace(folder / "stage.json")
-
-
-def stage_begin(folder: Path, key: str) -> None:
-    """Start (or continue) a stage in `folder`: work left by the same command is kept (the
-    tools resume it); work of another command is removed first."""
-    marker = folder / "stage.key"
-    if folder.exists() and not (marker.exists() and marker.read_text() == key):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
 
 
 def run_tool(command: list, log: Path, what: str) -> None:
@@ -218,7 +188,7 @@ def teacher_stage(args, data: Path, out: Path, eval_iters: int) -> tuple[Path, s
         started = time.time()
         stage_begin(folder, key)
         result = pretrain(folder, flags, started)
-        stage_store(folder, key, flags, result)
+        stage_store(folder, key, result, command=flags)
         how = f"{result['minutes']:.1f} min"
     else:
         how = "reused"
@@ -255,7 +225,7 @@ def sae_stage(args, data: Path, out: Path, teacher: Path, upstream: str,
         cfg = json.loads((sae / "cfg.json").read_text())
         result = {"eval": cfg.get("metadata", {}).get("eval", {}),
                   "minutes": (time.time() - started) / 60}
-        stage_store(folder, key, command[1:], result)
+        stage_store(folder, key, result, command=command[1:])
         how = f"{result['minutes']:.1f} min"
     else:
         how = "reused"
@@ -294,7 +264,7 @@ def labels_stage(args, data: Path, out: Path, teacher: Path, sae: Path, upstream
                 run_tool(command, folder / "label_concepts.log", f"tools/label_concepts.py "
                          f"({split})")
         result = {"minutes": (time.time() - started) / 60}
-        stage_store(folder, key, [" ".join(c[1:]) for c in commands.values()], result)
+        stage_store(folder, key, result, command=[" ".join(c[1:]) for c in commands.values()])
         how = f"{result['minutes']:.1f} min"
     else:
         how = "reused"
@@ -404,7 +374,7 @@ def main() -> int:
                 started = time.time()
                 stage_begin(folder, key)
                 result = pretrain(folder, flags, started)
-                stage_store(folder, key, flags, result)
+                stage_store(folder, key, result, command=flags)
                 how = f"{result['minutes']:.1f} min"
             else:
                 how = "reused"

@@ -64,7 +64,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +72,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from megatron_latent.stages import key_of, stage_begin, stage_done, stage_store  # noqa: E402
 
 STAGES = ("estep", "data", "mstep", "elbo", "eval")
 
@@ -128,37 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- stages
 
 
-def key_of(*parts: Any) -> str:
-    """A short fingerprint of a stage's command and the keys of the stages it reads."""
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
-
-def stage_done(folder: Path, key: str) -> dict | None:
-    """The stored result of a finished stage with this key, else None."""
-    saved = folder / "stage.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if previous.get("key") == key:
-            return previous.get("result", {})
-    return None
-
-
-def stage_store(folder: Path, key: str, inputs: dict, result: dict) -> None:
-    partial = folder / "stage.json.partial"
-    partial.write_text(json.dumps({"key": key, "inputs": inputs, "result": result}, indent=1))
-    partial.replace(folder / "stage.json")
-
-
-def stage_begin(folder: Path, key: str) -> None:
-    """Start (or continue) a stage: work left by the same key is kept (the tool resumes it);
-    work of another key is removed first."""
-    marker = folder / "stage.key"
-    if folder.exists() and not (marker.exists() and marker.read_text() == key):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
-
-
 class Driver:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -185,7 +155,7 @@ class Driver:
         stage_begin(folder, key)
         result = body(folder)
         result["seconds"] = time.time() - began
-        stage_store(folder, key, inputs, result)
+        stage_store(folder, key, result, inputs=inputs)
         self.note(name, "done")
         return result
 
