@@ -4,50 +4,22 @@ two layouts and are masked), hence the same choices."""
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from test_latent_tokens import WORD_VOCAB, write_checkpoint  # noqa: E402
+from test_latent_tokens import WORD_VOCAB  # noqa: E402
+from test_latent_tokens_tp import grown  # noqa: E402, F401 - the grown checkpoint fixture
 
 from megatron_latent.latent import estep  # noqa: E402
-from megatron_latent.latent.tokens import (  # noqa: E402
-    add_latent_tokens_to_tokenizer,
-    grow_checkpoint,
-    latent_token_ids,
-)
-
-from training_fixtures import write_wordlevel_tokenizer  # noqa: E402
+from megatron_latent.latent.tokens import latent_token_ids  # noqa: E402
 
 SETTINGS = dict(num_samples=4, max_prompt=16, max_new=8, max_seq=24, seed=3, iteration=1,
                 batch_size=5)
-
-
-@pytest.fixture(scope="module")
-def grown(world):
-    box = [tempfile.mkdtemp(prefix="ml-estep-") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    root = Path(box[0])
-    if dist.get_rank() == 0:
-        tok = write_wordlevel_tokenizer(str(root / "tok"), WORD_VOCAB)
-        write_checkpoint(root / "ckpt", tok)
-        new_tok = add_latent_tokens_to_tokenizer(tok, "HuggingFaceTokenizer",
-                                                 str(root / "tok_latent")).output_path
-        grow_checkpoint(str(root / "ckpt"), str(root / "grown"), WORD_VOCAB + 4,
-                        "HuggingFaceTokenizer", new_tok)
-    dist.barrier()
-    yield root / "grown"
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(checkpoint: Path, tp: int):
@@ -64,7 +36,7 @@ def _run(checkpoint: Path, tp: int):
                                  estep.EStepSettings(**SETTINGS))
 
 
-def test_tp2_equals_tp1(use_parallel, grown):
+def test_tp2_equals_tp1(use_parallel, grown):  # noqa: F811
     use_parallel(1)
     reference = _run(grown, 1)
     use_parallel(2)
