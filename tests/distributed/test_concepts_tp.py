@@ -13,22 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_thought_memory_model_tp import (  # noqa: E402
     all_ranks,
+    gathered_grads,
     load_full_weights,
     mismatches,
-    partition_dim,
 )
 
 from megatron_latent.config import ModelConfig  # noqa: E402
 from megatron_latent.distributed import (  # noqa: E402
     allreduce_sequence_parallel_grads,
     gather_tensor_parallel,
-    tp_group,
 )
 from megatron_latent.methods.concepts import ConceptOptions, build_concept_model  # noqa: E402
 from megatron_latent.methods.concepts.model import SCALED_LOSS_KEY  # noqa: E402
@@ -74,19 +72,7 @@ def run(use_parallel, tp: int, **kwargs):
     concept = aux[SCALED_LOSS_KEY]
     (lm.mean() + concept).backward()
     allreduce_sequence_parallel_grads(model)
-    local = {name: (p.grad.detach().clone(), partition_dim(p))
-             for name, p in model.named_parameters()}
-    per_rank = [local]
-    if tp > 1:
-        per_rank = [None] * tp
-        dist.all_gather_object(per_rank, local, group=tp_group())
-    grads, replicated = {}, {}
-    for name, (grad, dim) in local.items():
-        if dim is None:
-            grads[name] = grad
-            replicated[name] = [shards[name][0] for shards in per_rank]
-        else:
-            grads[name] = torch.cat([shards[name][0] for shards in per_rank], dim=dim)
+    grads, replicated = gathered_grads(model, tp)
     return lm.detach().mean(), concept.detach(), grads, replicated
 
 

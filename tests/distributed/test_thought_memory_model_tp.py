@@ -110,6 +110,13 @@ def run(use_parallel, tp: int, frozen_shard: str | None = None, skip_allreduce: 
     loss = out.sum() + hinge
     loss.backward()
     allreduce_sequence_parallel_grads(model)  # what the engines do (LayerNorms, gates)
+    grads, replicated = gathered_grads(model, tp)
+    return loss.detach(), hinge.detach(), grads, replicated
+
+
+def gathered_grads(model: torch.nn.Module, tp: int) -> tuple[dict, dict]:
+    """({name: full gradient}, {name: [its gradient on each TP rank]} of the replicated
+    parameters): sharded gradients gathered along megatron's partition dim."""
     local = {name: (p.grad.detach().clone(), partition_dim(p))
              for name, p in model.named_parameters()}
     per_rank = [local]
@@ -123,7 +130,7 @@ def run(use_parallel, tp: int, frozen_shard: str | None = None, skip_allreduce: 
             replicated[name] = [shards[name][0] for shards in per_rank]
         else:
             grads[name] = torch.cat([shards[name][0] for shards in per_rank], dim=dim)
-    return loss.detach(), hinge.detach(), grads, replicated
+    return grads, replicated
 
 
 def mismatches(actual, expected, what: str) -> list[str]:
