@@ -182,10 +182,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, iteration=args.iteration)
     settings.validate()
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    from megatron_latent.inference.loading import tool_device
+
+    device = tool_device(args.device)
     try:
         loaded = load_model_for_inference(
             args.load, args.load_iteration, args.tensor_model_parallel_size, device,

@@ -64,16 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
     from megatron_latent.config import ConfigError
     from megatron_latent.evaluation.sweep import SweepSettings, sweep
+    from megatron_latent.inference.loading import tool_device
 
     tasks = [t.strip() for group in args.tasks for t in group.split(",") if t.strip()]
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    device = tool_device(args.device)
     settings = SweepSettings(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                              include_path=args.include_path, seed=args.seed, dtype=args.dtype,
                              heldout_seed=args.heldout_seed)

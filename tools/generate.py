@@ -98,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_latent.data.tokenizers import TokenizerError
     from megatron_latent.distributed import destroy_parallel
     from megatron_latent.inference import GenerationConfig, generate_with_details
-    from megatron_latent.inference.loading import load_model_for_inference
+    from megatron_latent.inference.loading import load_model_for_inference, tool_device
     from megatron_latent.methods.registry import get_method
 
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    device = tool_device(args.device)
     try:
         loaded = load_model_for_inference(
             args.load, args.iteration, args.tensor_model_parallel_size, device,

@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    from megatron_latent.inference.loading import tool_device
     from megatron_latent.sae.activations import TokenWindows
     from megatron_latent.sae.attribution import (
         label_windows,
@@ -223,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         write_label_datasets,
     )
 
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    device = tool_device(args.device)
     if args.load:
         from megatron_latent.inference.loading import load_model_for_inference
 

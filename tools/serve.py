@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -92,12 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_latent.config import ConfigError
     from megatron_latent.distributed import destroy_parallel
+    from megatron_latent.inference.loading import tool_device
     from megatron_latent.inference.server import CompletionService, OpenAIServer
 
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    device = tool_device(args.device)
     try:
         service = CompletionService.from_checkpoint(
             args.load, iteration=args.iteration, device=device,

@@ -350,14 +350,6 @@ def write_output(path: str, documents: list[Document], journal: Journal) -> tupl
 # --------------------------------------------------------------------------- teachers
 
 
-def _device(name: str):
-    import torch
-
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def check_args(args: argparse.Namespace) -> None:
     if args.limit_documents is not None and args.limit_documents < 1:
         raise SynthesisError(f"--limit-documents must be >= 1, got {args.limit_documents}")
@@ -411,7 +403,9 @@ def build_teacher(args: argparse.Namespace):
             batch_size=args.batch_size)
     import torch
 
-    device = _device(args.device)
+    from megatron_latent.inference.loading import tool_device
+
+    device = tool_device(args.device)
     if args.teacher == "hf":
         return synthesis.HFTeacher(
             args.hf_model, device=str(device), dtype=args.hf_dtype,

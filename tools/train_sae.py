@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from megatron_latent.config import ConfigError
+    from megatron_latent.inference.loading import tool_device
     from megatron_latent.sae.activations import (
         TeacherError,
         load_hf_teacher,
@@ -186,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         train_steps,
     )
 
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    device = tool_device(args.device)
     try:
         if args.load:
             teacher = load_project_teacher(args.load, args.layer, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,14 @@ from ..models.hf_gpt_neox import load_canonical, shard_for_rank
 from ..models.language_model import RuntimeOptions
 from ..training.checkpointing import load_full_model_state
 from ..training.config import RunConfig
+
+
+def tool_device(choice: str) -> torch.device:
+    """A tool's --device {auto,cpu,cuda}: cuda:LOCAL_RANK (torchrun's local rank, 0 alone) for
+    cuda, or for auto where CUDA is visible; else the CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
